@@ -1,0 +1,52 @@
+"""The contract every localization method implements (DESIGN.md 4.1).
+
+The engine knows nothing else about a method:
+
+* ``forward(images, labels) -> dict[str, Tensor]``: logits/maps needed by ``loss``. ``images`` is
+  B x 3 x H x W, ImageNet-normalised; ``labels`` B x C multi-hot (may be used, e.g. for label-masked pooling).
+  A method that needs extra inputs (the CLIP image embedding of the crop) reads them from ``batch`` in
+  ``loss`` or receives them via ``forward(..., extras=batch)``.
+* ``loss(outputs, batch) -> dict[str, Tensor]``: named scalar terms, summed by the engine.
+* ``localize(images, need_affinity=False) -> Localization``: raw (non-negative, un-normalised) maps
+  B x C x h x w for every class, and optionally the B x N_p x N_p patch affinity used for refinement.
+* ``classify(images) -> B x C`` logits for the per-epoch mAP monitor.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Localization:
+    maps: torch.Tensor  # B x C x h x w, >= 0
+    affinity: Optional[torch.Tensor] = None  # B x N_p x N_p (rows: output patch, cols: input patch) or None
+
+
+class LocalizationModel(nn.Module):
+    """Base class: subclasses implement the four methods below."""
+
+    num_classes: int
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, extras: Optional[dict[str, Any]] = None) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def loss(self, outputs: dict[str, torch.Tensor], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def localize(self, images: torch.Tensor, need_affinity: bool = False) -> Localization:
+        raise NotImplementedError
+
+    def classify(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names excluded from weight decay besides 1-D tensors (tokens, pos-embeds)."""
+        return set()
+
+    def weight_report(self) -> list[dict[str, Any]]:
+        """One entry per pretrained file loaded: path, sha256, loaded/missing/unexpected keys."""
+        return []
