@@ -175,6 +175,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     if not isinstance(raw, DictConfig):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     parents = raw.pop("defaults", [])
+    raw.pop("demo_notes", None)  # documentation for the demo report, not a setting
     merged = OmegaConf.create()
     for parent in parents:
         merged = OmegaConf.merge(merged, _read_yaml(path.parent / str(parent), seen + (path,)))
