@@ -128,6 +128,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     checkpoint_every: int = 0  # also checkpoint every N steps (0 = only at epoch ends)
     log_every: int = 10  # steps between metrics.jsonl records
+    keep_epoch_checkpoints: bool = False  # also keep checkpoints/epoch_XXX.pth at each epoch end
+    deterministic: bool = False  # deterministic cuDNN kernels (slower; exact repeatability on GPU)
 
 
 @dataclass
