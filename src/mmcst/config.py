@@ -48,6 +48,7 @@ class BackboneConfig:
     num_heads: Optional[int] = None  # override number of heads
     drop_path_rate: float = 0.1  # stochastic depth
     pos_embed_init: str = "bicubic"  # bicubic | replicate: how to resize checkpoint patch pos-embeds to the training grid
+    img_size: Optional[int] = None  # native patch grid of the ViT = img_size / patch (None = 224; set to data.image_size for replicate)
 
 
 @dataclass
@@ -94,6 +95,8 @@ class MCTformerConfig:
     patch_pool: str = "gap"  # gap (V2) | gwrp (MCTformer+)
     gwrp_decay: float = 0.996  # GWRP decay for patch_pool=gwrp
     cls_token_loss: bool = True  # V1 class-token MLSM term
+    cct_loss: bool = False  # MCTformer+ contrastive class-token loss (term "cct")
+    cct_layers: int = 12  # CCT: class tokens of the last K blocks
 
 
 @dataclass
