@@ -71,15 +71,18 @@ class TinyDataset:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def path(self, index: int) -> Path:
+    def image_path(self, index: int) -> Path:
         return self.root / f"{self.ids[index]}.png"
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return {"id": self.ids[index], "image": read_image(self.path(index)),
+        return {"id": self.ids[index], "image": read_image(self.image_path(index)),
                 "labels": torch.from_numpy(self._labels[index]), "mask": torch.from_numpy(self._masks[index])}
 
-    def get_labels(self, index: int) -> torch.Tensor:
-        return torch.from_numpy(self._labels[index])
+    def get_labels(self, index: int) -> np.ndarray:
+        return self._labels[index]
+
+    def get_mask(self, index: int) -> np.ndarray:
+        return self._masks[index].astype(np.uint8)
 
     def label_matrix(self) -> np.ndarray:
         return np.stack(self._labels)
@@ -148,7 +151,7 @@ class TinyNet(LocalizationModel):
 
     def localize(self, images: torch.Tensor, need_affinity: bool = False) -> Localization:
         feats = self.features(images)
-        maps = F.relu(self.head(feats))
+        maps = F.softplus(self.head(feats))  # strictly positive: every normalised map reaches 1
         affinity = None
         if need_affinity:
             tokens = feats.flatten(2).transpose(1, 2)  # B x N x D

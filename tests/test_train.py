@@ -167,7 +167,7 @@ def test_unreadable_image_stops_or_is_skipped(tmp_path):
 
     from engine_helpers import TinyDataset
 
-    bad = TinyDataset(tmp_path / "data", "train", n=12).path(5)
+    bad = TinyDataset(tmp_path / "data", "train", n=12).image_path(5)
     encoded = io.BytesIO()
     with Image.open(bad) as image:
         image.convert("RGB").save(encoded, format="JPEG")

@@ -189,8 +189,10 @@ _HANDLER_MARK = "_mmcst_engine_handler"
 
 
 def setup_logging(run_dir: Optional[Path]) -> logging.Logger:
-    """Log ``mmcst.*`` records to ``run_dir/log.txt`` (main process) and the console (warnings only on other ranks).
+    """Log ``mmcst.*`` records to ``run_dir/log.txt`` (main process) and to the console.
 
+    The console handler is added only when the application has not configured logging itself (no
+    root handler); otherwise records propagate to its handlers. Other ranks print warnings only.
     Calling it again (a second run in one process) replaces the handlers it added before.
     """
     for handler in list(log.handlers):
@@ -198,11 +200,12 @@ def setup_logging(run_dir: Optional[Path]) -> logging.Logger:
             log.removeHandler(handler)
             handler.close()
     log.setLevel(logging.INFO)
-    log.propagate = False
     formatter = logging.Formatter(LOG_FORMAT)
-    console = _TqdmHandler()
-    console.setLevel(logging.INFO if is_main_process() else logging.WARNING)
-    handlers: list[logging.Handler] = [console]
+    handlers: list[logging.Handler] = []
+    if not logging.getLogger().handlers:
+        console = _TqdmHandler()
+        console.setLevel(logging.INFO if is_main_process() else logging.WARNING)
+        handlers.append(console)
     if run_dir is not None and is_main_process():
         handlers.append(logging.FileHandler(run_dir / "log.txt", encoding="utf-8"))
     for handler in handlers:

@@ -1,0 +1,363 @@
+"""Localization maps (multi-scale, flip, affinity refinement) and pseudo-labels for a split (METHOD.md 4.1-4.3).
+
+For every image at its original resolution: each scale (bicubic resize; the model floors the patch grid)
+and its flip go through ``model.localize`` together; maps are refined with the patch affinity, upsampled
+bilinearly straight to the original H x W, flipped back and summed; absent classes (ground-truth image
+labels) are dropped; each present class is min-max normalised. Files: ``maps/<split>/<id>.npy``
+(``mmcst.io.save_map``) and, on request, ``pseudo_labels/<split>/<id>.png``.
+
+Images of equal size are batched; valid map files from an earlier (killed) run are kept; under
+``torchrun`` every rank handles a disjoint share of the images.
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from mmcst.data.base import DatasetError
+from mmcst.engine.common import (
+    Builders, barrier, dataset_from_config, init_distributed, is_main_process, log, setup_logging, shard,
+)
+from mmcst.engine.train import _autocast, model_from_run
+from mmcst.io import MapFileError, load_map, save_label_png, save_map
+
+DEFAULT_BG_THRESHOLD = 0.39  # MCTformer's PSA-stage default, "the optimal one obtained for seeds"
+
+
+def map_file_is_valid(path: Path, keys: np.ndarray, height: int, width: int) -> bool:
+    """True when ``path`` loads, holds exactly ``keys`` and finite [K, height, width] maps in [0, 1]."""
+    if not path.is_file():
+        return False
+    try:
+        stored_keys, cam = load_map(path)
+    except MapFileError:
+        return False
+    return (np.array_equal(stored_keys, keys) and cam.shape == (len(keys), height, width)
+            and bool(np.isfinite(cam).all()) and (cam.size == 0 or (cam.min() >= 0 and cam.max() <= 1)))
+
+
+def pseudo_label(keys: np.ndarray, cam: np.ndarray, threshold: float) -> np.ndarray:
+    """HxW label map: argmax over [background plane = ``threshold``, maps]; ties go to background.
+
+    Returns uint8 values 0 (background) or ``key + 1`` for the winning present class.
+    """
+    keys = np.asarray(keys, dtype=np.int64)
+    planes = np.concatenate([np.full((1, *cam.shape[1:]), threshold, np.float32), cam.astype(np.float32)])
+    winner = planes.argmax(axis=0)  # first maximum: the background plane wins ties
+    lookup = np.concatenate([[0], keys + 1]).astype(np.uint8)
+    return lookup[winner]
+
+
+def present_classes(labels: torch.Tensor) -> np.ndarray:
+    return torch.nonzero(labels > 0).flatten().numpy().astype(np.int64)
+
+
+class _MapJobs(Dataset):  # type: ignore[type-arg]
+    """Loads images in workers; an image whose map file is already valid comes back as ``reused``."""
+
+    def __init__(self, dataset: Any, indices: Sequence[int], maps_dir: Path, normalize: Any) -> None:
+        self.dataset, self.indices, self.maps_dir, self.normalize = dataset, indices, maps_dir, normalize
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, j: int) -> dict[str, Any]:
+        index = self.indices[j]
+        known = self._known_without_decoding(index)
+        if known is not None and map_file_is_valid(self.maps_dir / f"{known[0]}.npy", *known[1:]):
+            return {"id": known[0], "reused": True}
+        sample = self.dataset[index]
+        keys = present_classes(sample["labels"])
+        height, width = sample["image"].shape[-2:]
+        if known is None and map_file_is_valid(self.maps_dir / f"{sample['id']}.npy", keys, height, width):
+            return {"id": sample["id"], "reused": True}
+        return {"id": sample["id"], "reused": False, "keys": keys, "image": self.normalize(sample["image"]).float()}
+
+    def _known_without_decoding(self, index: int) -> Optional[tuple[str, np.ndarray, int, int]]:
+        """``(id, keys, H, W)`` from the labels and the image header, for datasets that expose ``image_path``."""
+        if not (hasattr(self.dataset, "image_path") and hasattr(self.dataset, "get_labels")):
+            return None
+        try:
+            with Image.open(self.dataset.image_path(index)) as image:
+                width, height = image.size
+        except Exception:  # unreadable here: the full load below reports it properly
+            return None
+        keys = present_classes(torch.as_tensor(np.asarray(self.dataset.get_labels(index))))
+        return str(self.dataset.ids[index]), keys, height, width
+
+
+class _LabelJobs(Dataset):  # type: ignore[type-arg]
+    """Writes one pseudo-label PNG per item (in a worker) from the saved map file."""
+
+    def __init__(self, ids: Sequence[str], maps_dir: Path, out_dir: Path, threshold: float) -> None:
+        self.ids, self.maps_dir, self.out_dir, self.threshold = ids, maps_dir, out_dir, threshold
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, j: int) -> int:
+        keys, cam = load_map(self.maps_dir / f"{self.ids[j]}.npy")
+        save_label_png(self.out_dir / f"{self.ids[j]}.png", pseudo_label(keys, cam, self.threshold))
+        return j
+
+
+def _identity(item: Any) -> Any:
+    return item
+
+
+class _FirstImages:
+    """The first ``count`` images of a dataset, with the same contract (for ``infer.max_images``)."""
+
+    def __init__(self, dataset: Any, count: int) -> None:
+        self._dataset = dataset
+        self._count = count
+        self.class_names = dataset.class_names
+        self.ids = list(dataset.ids)[:count]
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, index: int) -> Any:
+        if not 0 <= index < self._count:
+            raise IndexError(index)
+        return self._dataset[index]
+
+    def get_labels(self, index: int) -> Any:
+        return self._dataset.get_labels(index)
+
+    def label_matrix(self) -> Any:
+        return self._dataset.label_matrix()[:self._count]
+
+    def has_masks(self) -> bool:
+        return bool(self._dataset.has_masks())
+
+    def describe(self) -> dict[str, Any]:
+        info = dict(self._dataset.describe()) if hasattr(self._dataset, "describe") else {}
+        info.update(images=self._count, max_images=self._count)
+        return info
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._dataset, name)
+
+
+class MapGenerator:
+    """Multi-scale + flip localization maps for batches of equally sized images."""
+
+    def __init__(self, model: nn.Module, scales: Sequence[float], flip: bool, refine: bool, device: torch.device,
+                 amp: bool = True) -> None:
+        self.model, self.scales, self.flip, self.refine, self.device, self.amp = model, list(scales), flip, refine, \
+            device, amp
+        self._warned_no_affinity = False
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor, keys: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """Maps of the present classes, each ``K_b x H x W`` float32 in [0, 1].
+
+        Args:
+            images: B x 3 x H x W normalised images of one size, on the device.
+            keys: per image, the present (0-based) class indices.
+        """
+        from mmcst.refine import affinity_refine
+
+        batch, _, height, width = images.shape
+        index = [torch.as_tensor(k, dtype=torch.long, device=images.device) for k in keys]
+        sums = [images.new_zeros((len(k), height, width), dtype=torch.float32) for k in keys]
+        for scale in self.scales:
+            size = (max(1, int(height * scale)), max(1, int(width * scale)))
+            scaled = images if size == (height, width) else \
+                F.interpolate(images, size=size, mode="bicubic", align_corners=False)
+            if self.flip:  # an image and its flip share a size: one forward for both
+                scaled = torch.cat([scaled, scaled.flip(-1)])
+            with _autocast(self.device, self.amp):
+                out = self.model.localize(scaled, need_affinity=self.refine)
+            maps = out.maps.float()  # (B or 2B) x C x h x w
+            if self.refine:
+                if out.affinity is None:
+                    if not self._warned_no_affinity:
+                        log.warning("refine=True but %s gives no patch affinity: maps are not refined",
+                                    type(self.model).__name__)
+                        self._warned_no_affinity = True
+                else:
+                    maps = affinity_refine(maps, out.affinity.float())
+            for b in range(batch):
+                if not len(keys[b]):
+                    continue
+                views = [maps[b, index[b]]] + ([maps[batch + b, index[b]]] if self.flip else [])
+                up = F.interpolate(torch.stack(views), size=(height, width), mode="bilinear", align_corners=False)
+                sums[b] += up[0] + (up[1].flip(-1) if self.flip else 0)
+        results = []
+        for total in sums:
+            low = total.amin(dim=(1, 2), keepdim=True)
+            high = total.amax(dim=(1, 2), keepdim=True)
+            results.append((total - low) / (high - low + 1e-8))
+        return results
+
+
+def _bg_threshold(run_dir: Path, split: str, given: Optional[float]) -> tuple[float, str]:
+    if given is not None:
+        return float(given), "given"
+    path = run_dir / "eval" / f"{split}.json"
+    if path.is_file():
+        try:
+            return float(json.loads(path.read_text())["best"]["threshold"]), f"best threshold of {path}"
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("%s: no best threshold readable (%s)", path, exc)
+    return DEFAULT_BG_THRESHOLD, "default (no evaluation of this split in the run)"
+
+
+def _sum_over_ranks(counts: dict[str, Any]) -> dict[str, Any]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return counts
+    keys = sorted(counts)
+    tensor = torch.tensor([counts[k] for k in keys], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    dist.all_reduce(tensor)
+    return {k: int(v) for k, v in zip(keys, tensor.tolist())}
+
+
+def infer(run_dir: str | Path, split: str, scales: Optional[Sequence[float]] = None, flip: Optional[bool] = None,
+          refine: Optional[bool] = None, pseudo_labels: bool = False, bg_threshold: Optional[float] = None,
+          evaluate: bool = True, progress: bool = True, max_images: Optional[int] = None, *,
+          device: Optional[str] = None, builders: Optional[Builders] = None) -> dict[str, Any]:
+    """Write localization maps (and pseudo-labels) of ``split`` with a trained run; evaluate when GT exists.
+
+    Args:
+        run_dir: a training run directory (``checkpoints/last.pth``).
+        split: dataset split (the run's ``cfg.data`` names the dataset and root).
+        scales, flip, refine: test-time options; None takes the run's ``cfg.infer`` values.
+        pseudo_labels: also write VOC-palette PNGs ``pseudo_labels/<split>/<id>.png``.
+        bg_threshold: background plane of the pseudo-labels; None = the best threshold of
+            ``eval/<split>.json`` when it exists (evaluation runs first), else 0.39.
+        evaluate: evaluate the maps when the split has masks (``eval/<split>.json``).
+        progress: progress bars (main process).
+        max_images: only the first N images (None = ``cfg.infer.max_images``).
+        device: override the run's ``cfg.device`` (auto | cpu | cuda).
+        builders: replace the model/dataset builders (as given to ``train``).
+
+    Returns:
+        The evaluation result (``evaluate_maps``) with an added ``"infer"`` entry of counts, or ``{}``
+        when nothing was evaluated.
+    """
+    from tqdm import tqdm
+
+    run_dir = Path(run_dir)
+    builders = builders or Builders()
+    model, cfg, class_names = model_from_run(run_dir, "cpu", builders)
+    torch_device, created_group = init_distributed(device or cfg.device)
+    try:
+        model.to(torch_device)
+        setup_logging(run_dir)
+        scales = list(scales) if scales is not None else list(cfg.infer.scales)
+        if not scales or any(s <= 0 for s in scales):
+            raise ValueError(f"scales: expected positive numbers, got {scales}")
+        flip = cfg.infer.flip if flip is None else flip
+        refine = cfg.infer.refine if refine is None else refine
+        max_images = cfg.infer.max_images if max_images is None else max_images
+
+        dataset = dataset_from_config(cfg, split, builders)
+        if list(dataset.class_names) != class_names:
+            raise DatasetError(f"split {split!r} of {cfg.data.root}: classes {list(dataset.class_names)} differ from "
+                               f"the run's {class_names}")
+        count = len(dataset) if max_images is None else min(len(dataset), max_images)
+        if count < len(dataset):
+            dataset = _FirstImages(dataset, count)
+        maps_dir = run_dir / "maps" / split
+        maps_dir.mkdir(parents=True, exist_ok=True)
+        log.info("maps for %d image(s) of %r -> %s (scales %s, flip %s, refine %s, batch %d)", count, split,
+                 maps_dir, scales, flip, refine, cfg.infer.batch_size)
+
+        my_indices = shard(range(count))
+        generator = MapGenerator(model, scales, flip, refine, torch_device, cfg.train.amp)
+        loader = DataLoader(_MapJobs(dataset, my_indices, maps_dir, builders.normalize), batch_size=None,
+                            num_workers=cfg.data.num_workers, collate_fn=_identity,
+                            pin_memory=torch_device.type == "cuda")
+        counts: dict[str, Any] = {"written": 0, "reused": 0}
+        writer = ThreadPoolExecutor(max_workers=2)  # compression + fsync overlap the next forward
+        pending: list[Future[None]] = []
+        buckets: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
+
+        def run_bucket(size: tuple[int, int]) -> None:
+            jobs = buckets.pop(size)
+            images = torch.stack([job["image"] for job in jobs]).to(torch_device, non_blocking=True)
+            for job, cam in zip(jobs, generator(images, [job["keys"] for job in jobs])):
+                pending.append(writer.submit(save_map, maps_dir / f"{job['id']}.npy", job["keys"], cam.cpu().numpy()))
+            counts["written"] += len(jobs)
+            while len(pending) > 64:
+                pending.pop(0).result()
+
+        batch_size = max(1, cfg.infer.batch_size)
+        try:
+            for job in tqdm(loader, total=len(my_indices), disable=not (progress and is_main_process()),
+                            unit="img", desc=f"maps {split}", dynamic_ncols=True):
+                if job["reused"]:
+                    counts["reused"] += 1
+                    continue
+                size = tuple(job["image"].shape[-2:])
+                buckets[size].append(job)
+                if len(buckets[size]) >= batch_size:
+                    run_bucket(size)
+                elif sum(len(b) for b in buckets.values()) > 4 * batch_size:
+                    # Many distinct sizes: bound the images held back by running the fullest bucket.
+                    run_bucket(max(buckets, key=lambda s: len(buckets[s])))
+            for size in list(buckets):
+                run_bucket(size)
+            for future in pending:
+                future.result()
+        finally:
+            writer.shutdown(wait=True)
+        barrier()
+        counts = _sum_over_ranks(counts)
+        log.info("maps: %d written, %d valid ones kept", counts["written"], counts["reused"])
+
+        result: dict[str, Any] = {}
+        if evaluate:
+            result = _evaluate(run_dir, split, maps_dir, dataset, cfg, progress)
+        if pseudo_labels:
+            threshold, source = _bg_threshold(run_dir, split, bg_threshold)
+            out_dir = run_dir / "pseudo_labels" / split
+            log.info("pseudo-labels with background threshold %.3f (%s) -> %s", threshold, source, out_dir)
+            ids = [dataset.ids[i] for i in my_indices]
+            label_loader = DataLoader(_LabelJobs(ids, maps_dir, out_dir, threshold), batch_size=None,
+                                      num_workers=cfg.data.num_workers, collate_fn=_identity)
+            for _ in tqdm(label_loader, total=len(ids), disable=not (progress and is_main_process()), unit="img",
+                          desc=f"pseudo-labels {split}", dynamic_ncols=True):
+                pass
+            barrier()
+            counts["pseudo_labels"] = count
+            counts["bg_threshold"] = threshold
+        if result:
+            result["infer"] = {"images": count, "scales": scales, "flip": flip, "refine": refine, **counts}
+        return result
+    finally:
+        if created_group:
+            dist.destroy_process_group()
+
+
+def _evaluate(run_dir: Path, split: str, maps_dir: Path, dataset: Any, cfg: Any, progress: bool) -> dict[str, Any]:
+    if not dataset.has_masks():
+        log.info("split %r has no masks: maps are not evaluated", split)
+        return {}
+    result: list[Any] = [None]
+    if is_main_process():
+        try:
+            from mmcst.engine.evaluate import evaluate_maps
+        except ImportError as exc:
+            raise RuntimeError(f"evaluation is not available in this installation ({exc}); "
+                               "run infer with evaluate=False") from exc
+        result[0] = evaluate_maps(maps_dir, dataset, cfg.eval, out=run_dir / "eval" / f"{split}.json",
+                                  progress=progress)
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(result, src=0)
+    return dict(result[0])

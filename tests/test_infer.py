@@ -1,0 +1,182 @@
+"""Inference engine: map files, brute-force reference, size bucketing, resume, pseudo-labels, evaluation."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from engine_helpers import TEST_BUILDERS, TinyDataset, build_tiny_dataset, tiny_config, tiny_normalize
+from mmcst.engine.infer import MapGenerator, infer, map_file_is_valid, pseudo_label
+from mmcst.engine.train import model_from_run, train
+from mmcst.io import load_map, save_map, voc_palette
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("infer")
+    return train(tiny_config(tmp, max_steps=3), progress=False, builders=TEST_BUILDERS)
+
+
+def _test_split(run_dir) -> TinyDataset:
+    return build_tiny_dataset("tiny", str(run_dir.parent.parent / "data"), "test")
+
+
+def _new_log_lines(run_dir, action) -> str:
+    """What ``action`` appended to the run's ``log.txt``."""
+    before = (run_dir / "log.txt").read_text()
+    action()
+    return (run_dir / "log.txt").read_text()[len(before):]
+
+
+def _reference_map(model, image: torch.Tensor, keys: np.ndarray, scales, flip: bool) -> np.ndarray:
+    """METHOD.md 4.1-4.2 written out for one image: loops instead of batching, explicit affinity sums."""
+    height, width = image.shape[-2:]
+    total = torch.zeros(len(keys), height, width, dtype=torch.float64)
+    for scale in scales:
+        size = (int(height * scale), int(width * scale))
+        scaled = image[None] if size == (height, width) else \
+            F.interpolate(image[None], size=size, mode="bicubic", align_corners=False)
+        for flipped in ([False, True] if flip else [False]):
+            x = scaled.flip(-1) if flipped else scaled
+            out = model.localize(x, need_affinity=True)
+            maps, affinity = out.maps[0].double(), out.affinity[0].double()
+            c, h, w = maps.shape
+            flat = maps.reshape(c, h * w)
+            refined = torch.zeros_like(flat)
+            for i in range(h * w):  # refined[i] = sum_j P[i, j] M[j]
+                refined[:, i] = (affinity[i][None, :] * flat).sum(dim=1)
+            up = F.interpolate(refined.reshape(1, c, h, w).float(), size=(height, width), mode="bilinear",
+                               align_corners=False)[0].double()
+            total += (up.flip(-1) if flipped else up)[torch.as_tensor(keys)]
+    low = total.amin(dim=(1, 2), keepdim=True)
+    high = total.amax(dim=(1, 2), keepdim=True)
+    return ((total - low) / (high - low + 1e-8)).numpy()
+
+
+def test_maps_match_reference_and_hold_present_classes_only(run_dir):
+    result = infer(run_dir, "test", evaluate=False, progress=False, builders=TEST_BUILDERS)
+    assert result == {}
+    dataset = _test_split(run_dir)
+    model, cfg, _ = model_from_run(run_dir, builders=TEST_BUILDERS)
+    sizes = set()
+    empty = 0
+    with torch.no_grad():
+        for index in range(len(dataset)):
+            sample = dataset[index]
+            keys, cam = load_map(run_dir / "maps" / "test" / f"{sample['id']}.npy")
+            expected_keys = np.flatnonzero(sample["labels"].numpy())
+            np.testing.assert_array_equal(keys, expected_keys)
+            assert cam.shape == (len(expected_keys), *sample["image"].shape[-2:])
+            sizes.add(cam.shape[1:])
+            if not len(keys):
+                empty += 1
+                continue
+            assert cam.min() >= 0 and np.allclose(cam.max(axis=(1, 2)), 1.0, atol=1e-3)
+            reference = _reference_map(model, tiny_normalize(sample["image"]), keys, cfg.infer.scales,
+                                       cfg.infer.flip)
+            np.testing.assert_allclose(cam, reference, atol=2e-3)  # float16 storage
+    assert len(sizes) == 3 and empty >= 1
+
+
+def test_bucketed_batches_equal_one_by_one(run_dir):
+    model, cfg, _ = model_from_run(run_dir, builders=TEST_BUILDERS)
+    dataset = _test_split(run_dir)
+    same_size = [i for i in range(len(dataset)) if tuple(dataset[i]["image"].shape[-2:]) == (32, 40)]
+    assert len(same_size) >= 3
+    samples = [dataset[i] for i in same_size]
+    keys = [np.arange(3) for _ in samples]  # all classes: every map is compared
+    images = torch.stack([tiny_normalize(s["image"]) for s in samples])
+    generator = MapGenerator(model, [1.0, 0.75, 1.25], flip=True, refine=True, device=torch.device("cpu"))
+    together = generator(images, keys)
+    for b in range(len(samples)):
+        alone = generator(images[b:b + 1], keys[b:b + 1])[0]
+        # Equal up to float rounding of batched convolutions, well below the float16 step of the map files.
+        torch.testing.assert_close(together[b], alone, atol=4e-4, rtol=0)
+
+
+def test_resume_keeps_valid_maps_and_rewrites_bad_ones(run_dir):
+    maps_dir = run_dir / "maps" / "test"
+    infer(run_dir, "test", evaluate=False, progress=False, builders=TEST_BUILDERS)
+    files = sorted(maps_dir.glob("*.npy"))
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in files}
+    labelled = [p for p in files if len(load_map(p)[0])]
+    truncated, wrong_keys = labelled[0], labelled[1]
+    truncated.write_bytes(before[truncated.name][1][:40])
+    keys, cam = load_map(wrong_keys)
+    save_map(wrong_keys, keys[:-1] if len(keys) > 1 else (keys + 1) % 3, cam[:1])
+    assert not map_file_is_valid(truncated, keys, *cam.shape[1:])
+
+    log = _new_log_lines(run_dir, lambda: infer(run_dir, "test", evaluate=False, progress=False,
+                                               builders=TEST_BUILDERS))
+    assert f"2 written, {len(files) - 2} valid ones kept" in log
+    for path in files:
+        if path in (truncated, wrong_keys):
+            assert path.read_bytes() == before[path.name][1]  # rewritten, deterministically the same
+        else:
+            assert path.stat().st_mtime_ns == before[path.name][0]  # not touched
+
+
+def test_pseudo_label_ties_go_to_background():
+    keys = np.array([0, 2])
+    cam = np.array([[[0.5, 0.2], [0.9, 0.1]], [[0.3, 0.6], [0.95, 0.6]]], np.float32)
+    np.testing.assert_array_equal(pseudo_label(keys, cam, 0.5), [[0, 3], [3, 3]])
+    np.testing.assert_array_equal(pseudo_label(keys, cam, 0.6), [[0, 0], [3, 0]])
+    np.testing.assert_array_equal(pseudo_label(np.zeros(0, np.int64), np.zeros((0, 2, 3), np.float32), 0.1),
+                                  np.zeros((2, 3)))
+
+
+def test_pseudo_labels_palette_threshold_and_evaluation(run_dir):
+    eval_json = run_dir / "eval" / "test.json"
+    eval_json.unlink(missing_ok=True)
+    log = _new_log_lines(run_dir, lambda: infer(run_dir, "test", evaluate=False, pseudo_labels=True, progress=False,
+                                               builders=TEST_BUILDERS))
+    assert "background threshold 0.390 (default" in log
+    dataset = _test_split(run_dir)
+    for image_id in dataset.ids:
+        with Image.open(run_dir / "pseudo_labels" / "test" / f"{image_id}.png") as png:
+            assert png.mode == "P" and png.getpalette()[:3 * 256] == voc_palette()
+            label = np.asarray(png)
+        keys, cam = load_map(run_dir / "maps" / "test" / f"{image_id}.npy")
+        assert label.shape == cam.shape[1:] and label.max() <= 3
+        assert set(np.unique(label)) <= {0, *(keys + 1).tolist()}
+        np.testing.assert_array_equal(label, pseudo_label(keys, cam, 0.39))
+
+    # With evaluation: the run's own best threshold becomes the default background plane.
+    results = []
+    log = _new_log_lines(run_dir, lambda: results.append(
+        infer(run_dir, "test", evaluate=True, pseudo_labels=True, progress=False, builders=TEST_BUILDERS)))
+    result = results[0]
+    best = result["best"]["threshold"]
+    assert json.loads(eval_json.read_text())["best"]["threshold"] == best
+    assert f"best threshold of {eval_json}" in log
+    assert result["infer"]["bg_threshold"] == best and result["infer"]["reused"] == len(dataset)
+    image_id = dataset.ids[0]
+    keys, cam = load_map(run_dir / "maps" / "test" / f"{image_id}.npy")
+    with Image.open(run_dir / "pseudo_labels" / "test" / f"{image_id}.png") as png:
+        np.testing.assert_array_equal(np.asarray(png), pseudo_label(keys, cam, best))
+    # An explicit threshold wins.
+    infer(run_dir, "test", evaluate=False, pseudo_labels=True, bg_threshold=0.0, progress=False,
+          builders=TEST_BUILDERS)
+    with Image.open(run_dir / "pseudo_labels" / "test" / f"{image_id}.png") as png:
+        np.testing.assert_array_equal(np.asarray(png), pseudo_label(keys, cam, 0.0))
+
+
+def test_max_images_and_options(tmp_path):
+    run = train(tiny_config(tmp_path, max_steps=1), progress=False, builders=TEST_BUILDERS)
+    result = infer(run, "test", scales=[1.0], flip=False, refine=False, max_images=3, progress=False,
+                   builders=TEST_BUILDERS)
+    assert sorted(p.stem for p in (run / "maps" / "test").glob("*.npy")) == [f"test_{i:03d}" for i in range(3)]
+    assert result["infer"]["images"] == 3 and result["protocol"]["num_images"] == 3
+    # Without refinement and flip, one scale: the map is the model's map upsampled and normalised.
+    model, _, _ = model_from_run(run, builders=TEST_BUILDERS)
+    sample = build_tiny_dataset("tiny", str(tmp_path / "data"), "test")[0]
+    keys, cam = load_map(run / "maps" / "test" / f"{sample['id']}.npy")
+    with torch.no_grad():
+        maps = model.localize(tiny_normalize(sample["image"])[None]).maps
+    up = F.interpolate(maps, size=cam.shape[1:], mode="bilinear", align_corners=False)[0, keys]
+    low, high = up.amin(dim=(1, 2), keepdim=True), up.amax(dim=(1, 2), keepdim=True)
+    np.testing.assert_allclose(cam, ((up - low) / (high - low + 1e-8)).numpy(), atol=1e-3)
