@@ -251,3 +251,36 @@ def test_confusion_scores_stacked():
     iou = confusion_scores(stack)["iou"]
     np.testing.assert_allclose(iou[0], [75.0, 200 / 3])
     assert np.isnan(iou[1, 0]) and iou[1, 1] == 100.0
+
+
+def test_bin_lookup_is_exact_for_any_float32_and_float16():
+    from mmcst.metrics.segmentation import _BinLookup
+
+    rng = np.random.default_rng(7)
+    grid = np.unique(np.concatenate([threshold_grid(0.0, 1.0, 0.01), [1e-30, 3.0]]).astype(np.float32))
+    lookup = _BinLookup(grid)
+    values = np.concatenate([
+        rng.random(20000, dtype=np.float32), _TIES, _NEAR, grid, np.nextafter(grid, _F32(-1)), np.nextafter(grid, _F32(9)),
+        np.array([0.0, 1e-45, 1e-38, 2.5, 3.0, np.inf, 1e30], np.float32),
+        rng.integers(0, 0x7F800000, 20000, dtype=np.uint32).view(np.float32),  # any finite non-negative pattern
+    ]).astype(np.float32)
+    np.testing.assert_array_equal(lookup.float32(values), np.searchsorted(grid, values, side="left"))
+    finite16 = np.arange(0x7C00, dtype=np.uint16)
+    np.testing.assert_array_equal(lookup.lut16[finite16],
+                                  np.searchsorted(grid, finite16.view(np.float16).astype(np.float32), side="left"))
+
+
+def test_float16_negative_values_and_nan():
+    thresholds = threshold_grid(0.0, 0.9, 0.1)
+    gt = np.array([[1, 1, 0, 2]], np.uint8)
+    cam = np.array([[[-0.5, 0.3, -0.0, 0.7]], [[-0.25, 0.6, 0.0, 0.1]]], np.float16)  # negatives: slow path
+    curve = ThresholdCurve(3, thresholds)
+    curve.update_sparse([0, 1], cam, gt)
+    for k, t in enumerate(thresholds):
+        np.testing.assert_array_equal(curve.confusion_at(k).matrix,
+                                      brute_confusion([cam.astype(np.float32)], [gt], t, 3))
+    for dtype in (np.float16, np.float32):
+        nan_map = np.full((1, 1, 4), 0.5, dtype)
+        nan_map[0, 0, 2] = np.nan
+        with pytest.raises(ValueError, match="NaN"):
+            ThresholdCurve(3, thresholds).update_sparse([1], nan_map, gt)

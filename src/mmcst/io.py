@@ -90,11 +90,12 @@ def save_map(path: str | os.PathLike, keys: np.ndarray | list[int], cam: np.ndar
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def load_map(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+def load_map(path: str | os.PathLike, dtype: Any = np.float32) -> tuple[np.ndarray, np.ndarray]:
     """Read a map file as ``(keys int64 [K], cam float32 [K, H, W])``.
 
     Accepts the mmcst/IRN dict, MCTformer's ``{class_index: HxW}`` dict, and a plain [K, H, W] array is
-    refused (the class indices would be unknown).
+    refused (the class indices would be unknown). ``dtype=None`` keeps the stored dtype (float16 for
+    mmcst files), which evaluation uses to skip a conversion.
     """
     path = Path(path)
     try:
@@ -109,18 +110,18 @@ def load_map(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         raise MapFileError(f"{path}: expected a dict {{'keys', 'cam'}} or {{class_index: HxW}}, got {type(obj).__name__}")
     if "cam" in obj and "keys" in obj:
         keys = np.asarray(obj["keys"], dtype=np.int64).reshape(-1)
-        cam = np.asarray(obj["cam"], dtype=np.float32)
+        cam = np.asarray(obj["cam"], dtype=dtype)
         if cam.ndim == 2:
             cam = cam[None]
         if cam.ndim != 3 or cam.shape[0] != keys.shape[0]:
             raise MapFileError(f"{path}: 'cam' has shape {cam.shape}, expected [{keys.shape[0]}, H, W]")
         return keys, cam
     try:
-        items = sorted((int(k), np.asarray(v, dtype=np.float32)) for k, v in obj.items())
+        items = sorted((int(k), np.asarray(v, dtype=dtype)) for k, v in obj.items())
     except (TypeError, ValueError) as exc:
         raise MapFileError(f"{path}: dict keys must be class indices or 'keys'/'cam' ({exc})") from exc
     if not items:
-        return np.zeros(0, np.int64), np.zeros((0, 0, 0), np.float32)
+        return np.zeros(0, np.int64), np.zeros((0, 0, 0), dtype or np.float32)
     shapes = {v.shape for _, v in items}
     if len(shapes) != 1 or len(next(iter(shapes))) != 2:
         raise MapFileError(f"{path}: class maps must all be HxW of one size, got {sorted(shapes)}")

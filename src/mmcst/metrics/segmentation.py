@@ -178,35 +178,53 @@ def power_rule_threshold(power: float) -> float:
     return float(np.array([lo], dtype=np.uint32).view(np.float32)[0])
 
 
+_NAN_BIN = -(1 << 30)  # makes the combined index negative, which np.bincount rejects: NaN maps are an error
+_FLOAT16_INF_BITS = 0x7C00  # float16 patterns below this are the finite non-negative values, in value order
+
+
 class _BinLookup:
-    """Maps float32/float16 values ``m`` to ``#{j : U[j] < m}`` for a sorted float32 array ``U``.
+    """Maps max scores ``m`` to their bin ``#{j : U[j] < m}`` for the sorted float32 grid ``U``.
 
     ``np.searchsorted`` costs ~12 ms for a 500x375 map; a table indexed by the bit pattern is exact and
-    ~20x faster. float16 values index a 65,536-entry table directly. float32 values index a table by the top
-    20 bits of their pattern: each entry covers a contiguous run of 4,096 floats, and the few runs that
-    contain a threshold are marked ambiguous and resolved by ``searchsorted`` on just those pixels.
+    much faster. float16 patterns index a 65,536-entry table directly. float32 values index a table by
+    the top 20 bits of their pattern: each entry covers a contiguous run of 4,096 floats, and the few runs
+    that contain a threshold (or infinity) are marked ambiguous and resolved by ``searchsorted`` on just
+    those pixels. Entries for NaN patterns hold ``_NAN_BIN``.
     """
 
     SHIFT = 12
 
     def __init__(self, sorted_thresholds: np.ndarray) -> None:
         self.u = np.asarray(sorted_thresholds, dtype=np.float32)
-        all16 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
-        self.lut16 = np.searchsorted(self.u, all16, side="left").astype(np.int32)
+        all16 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+        self.lut16 = np.searchsorted(self.u, all16.astype(np.float32), side="left").astype(np.int32)
+        self.lut16[np.isnan(all16)] = _NAN_BIN
         prefixes = np.arange(1 << (32 - self.SHIFT), dtype=np.uint32) << self.SHIFT
-        low = np.searchsorted(self.u, prefixes.view(np.float32), side="left")
-        high = np.searchsorted(self.u, (prefixes | ((1 << self.SHIFT) - 1)).view(np.float32), side="left")
-        self.lut32 = np.where(low == high, low, -1).astype(np.int32)
+        first, last = prefixes.view(np.float32), (prefixes | ((1 << self.SHIFT) - 1)).view(np.float32)
+        low = np.searchsorted(self.u, first, side="left")
+        high = np.searchsorted(self.u, last, side="left")
+        lut32 = np.where(low == high, low, -1)
+        lut32[np.isnan(first) & np.isnan(last)] = _NAN_BIN
+        lut32[np.isinf(first) & np.isnan(last)] = -1  # the run starting at +-inf: resolved per pixel
+        # Clipped maps hold many exact zeros, which share the first run with threshold 0.0. When 0.0 is the
+        # only threshold in that run, tiny positives get bin 1 from the table and exact zeros are reset to 0.
+        self.zero_split = bool(self.u[0] == 0 and (self.u.size == 1 or self.u[1] > last[0]))
+        if self.zero_split:
+            lut32[0] = 1
+        self.lut32 = lut32.astype(np.int32)
 
-    def __call__(self, m: np.ndarray) -> np.ndarray:
-        if m.dtype == np.float16:
-            return self.lut16[m.view(np.uint16)]
+    def float32(self, m: np.ndarray) -> np.ndarray:
         m = np.ascontiguousarray(m, dtype=np.float32)
-        bins = self.lut32[m.view(np.uint32) >> self.SHIFT]
-        ambiguous = np.flatnonzero(bins < 0)
+        bits = m.view(np.uint32)
+        bins = self.lut32[bits >> self.SHIFT]
+        if self.zero_split:
+            np.putmask(bins, bits == 0, 0)
+        ambiguous = np.flatnonzero(bins == -1)
         if ambiguous.size:
-            flat = bins.reshape(-1)
-            flat[ambiguous] = np.searchsorted(self.u, m.reshape(-1)[ambiguous], side="left")
+            values = m.reshape(-1)[ambiguous]
+            resolved = np.searchsorted(self.u, values, side="left").astype(np.int32)
+            resolved[np.isnan(values)] = _NAN_BIN
+            bins.reshape(-1)[ambiguous] = resolved
         return bins
 
 
@@ -299,17 +317,27 @@ class ThresholdCurve:
 
         index = self._gt_offset[gt]  # int32 H x W: GT row offset
         if keys.size:
-            if cam.dtype not in (np.float16, np.float32):
-                cam = cam.astype(np.float32)  # MCTformer's stack is float32
-            best, winner = self._max_argmax(cam)
-            if np.isnan(best).any():
-                raise ValueError("maps contain NaN")
-            index += self._lookup(best)
-            if winner is None:
-                index += int(keys[0]) * self._stride_a
+            offsets = (keys * self._stride_a).astype(np.int32)
+            bits = cam.view(np.uint16) if cam.dtype == np.float16 else None
+            if bits is not None and bits.max() < _FLOAT16_INF_BITS:
+                # Finite non-negative float16 maps (the stored format): compare the bit patterns as
+                # integers, which order like the values and avoid slow float16 arithmetic.
+                best, winner = self._max_argmax(bits)
+                index += self._lookup.lut16[best]
             else:
-                index += (keys * self._stride_a).astype(np.int32)[winner]
-        counts = np.bincount(index.reshape(-1), minlength=(self.num_classes + 2) * self._stride_g)
+                best, winner = self._max_argmax(cam.astype(np.float32, copy=False))  # MCTformer's stack dtype
+                index += self._lookup.float32(best)
+            if winner is None:
+                index += offsets[0]
+            elif winner.dtype == bool:  # two planes: the second wins where strictly greater
+                index += winner.view(np.uint8) * np.int32(offsets[1] - offsets[0])
+                index += offsets[0]
+            else:
+                index += offsets[winner]
+        try:
+            counts = np.bincount(index.reshape(-1), minlength=(self.num_classes + 2) * self._stride_g)
+        except ValueError:  # a negative index comes only from _NAN_BIN
+            raise ValueError("maps contain NaN") from None
         counts = counts.reshape(self.num_classes + 2, self.num_fg, self._bins)
         if counts[self.num_classes + 1].any():
             values = np.unique(gt)
@@ -319,18 +347,23 @@ class ThresholdCurve:
         self.num_images += 1
 
     @staticmethod
-    def _max_argmax(cam: np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray]]:
-        """Per-pixel max and first argmax over planes (None when K = 1: the only plane wins)."""
-        if cam.shape[0] == 1:
-            return cam[0], None
-        if cam.shape[0] > 8:
-            winner = np.argmax(cam, axis=0)
-            return np.take_along_axis(cam, winner[None], axis=0)[0], winner
-        best = cam[0].copy()
-        winner = np.zeros(cam.shape[1:], dtype=np.intp)
-        for plane in range(1, cam.shape[0]):
-            np.putmask(winner, cam[plane] > best, plane)  # strict: the earlier class keeps ties
-            np.maximum(best, cam[plane], out=best)
+    def _max_argmax(planes: np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """Per-pixel max and first argmax over K planes.
+
+        The argmax is None for K = 1 (the only plane wins) and a bool "second plane wins" map for K = 2.
+        """
+        if planes.shape[0] == 1:
+            return planes[0], None
+        if planes.shape[0] == 2:
+            return np.maximum(planes[0], planes[1]), planes[1] > planes[0]  # strict: ties keep the first
+        if planes.shape[0] > 8:
+            winner = np.argmax(planes, axis=0)
+            return np.take_along_axis(planes, winner[None], axis=0)[0], winner
+        best = planes[0].copy()
+        winner = np.zeros(planes.shape[1:], dtype=np.intp)
+        for plane in range(1, planes.shape[0]):
+            np.putmask(winner, planes[plane] > best, plane)  # strict: the earlier class keeps ties
+            np.maximum(best, planes[plane], out=best)
         return best, winner
 
     def merge(self, other: "ThresholdCurve") -> None:
