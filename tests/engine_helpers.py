@@ -128,11 +128,11 @@ def tiny_normalize(image: torch.Tensor) -> torch.Tensor:
 class TinyNet(LocalizationModel):
     """Two stride-2 convs (maps at stride 4), dropout, a 1x1 class head; affinity = softmax feature similarity."""
 
-    def __init__(self, class_names: Sequence[str], width: int = 8) -> None:
+    def __init__(self, class_names: Sequence[str], width: int = 8, dropout: float = 0.2) -> None:
         super().__init__()
         self.num_classes = len(class_names)
         self.conv1 = nn.Conv2d(3, width, 3, stride=2, padding=1)
-        self.drop = nn.Dropout(0.2)
+        self.drop = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(width, width, 3, stride=2, padding=1)
         self.head = nn.Conv2d(width, self.num_classes, 1)
         self.class_bias = nn.Parameter(torch.zeros(self.num_classes, 2))  # 2-D "token", excluded from decay
@@ -208,7 +208,7 @@ BUILT: list[TinyNet] = []  # the models built in this process, last one last
 
 def build_tiny_model(model_cfg: ModelConfig, class_names: Sequence[str]) -> TinyNet:
     torch.manual_seed(1234)  # the same initial weights in every run, whatever the RNG state
-    model = TinyNet(class_names)
+    model = TinyNet(class_names, dropout=2 * model_cfg.backbone.drop_path_rate)
     BUILT.append(model)
     return model
 
