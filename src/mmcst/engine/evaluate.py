@@ -337,7 +337,8 @@ def format_result(result: dict[str, Any]) -> str:
             lines.append(f"| power rule k={pr['power']:g} (= threshold {pr['equivalent_threshold']:.4f}) | | {_fmt(pr['miou'])} |")
         if mct["threshold"] != best["threshold"]:
             lines += ["", "The early-stopped MCTformer sweep and the full sweep disagree; both are reported."]
-    lines += ["", "| class | IoU | precision | recall |", "|---|---|---|---|"]
+    where = "" if best["threshold"] is None else f" at the best threshold {best['threshold']:.2f}"
+    lines += ["", f"Per-class scores{where}:", "", "| class | IoU | precision | recall |", "|---|---|---|---|"]
     for name, iou in best["per_class_iou"].items():
         lines.append(f"| {name} | {_fmt(iou)} | {_fmt(best['precision'][name])} | {_fmt(best['recall'][name])} |")
     return "\n".join(lines) + "\n"
