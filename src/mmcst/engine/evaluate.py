@@ -260,10 +260,12 @@ def _evaluate_wsol(maps_dir: Path, dataset: Any, indices: list[int], cfg: EvalCo
 
 def _protocol(dataset: Any, maps_dir: Path, map_format: str, num_images: int, num_missing: int) -> dict[str, Any]:
     describe = dataset.describe() if hasattr(dataset, "describe") else {}
+    if not isinstance(describe, dict):
+        describe = {}
     return {
-        "dataset": _dataset_name(dataset),
+        "dataset": describe.get("dataset") or _dataset_name(dataset),
         "split": getattr(dataset, "split", None),
-        "split_file": describe.get("split_file") if isinstance(describe, dict) else None,
+        "split_file": describe.get("split_file"),
         "describe": describe,
         "num_images": num_images,
         "num_missing": num_missing,
