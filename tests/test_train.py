@@ -42,7 +42,7 @@ def test_train_writes_run_directory(tmp_path):
     assert summary["steps"] == 6 and summary["epochs_completed"] == 2 and summary["stopped_by"] == "epochs"
     assert set(summary["final_losses"]) == {"cls", "reg"} and summary["skipped_files"] == []
     log_text = (run / "log.txt").read_text()
-    assert "seed 7" in log_text and "config:" in log_text and "training finished" in log_text
+    assert "seed 7" in log_text and "resolved config" in log_text and "training finished" in log_text
 
 
 def test_model_from_run_round_trip_and_errors(tmp_path):

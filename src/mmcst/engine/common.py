@@ -24,12 +24,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mmcst.config import Config, DataConfig, ModelConfig, to_yaml
+from mmcst.config import Config, ConfigError, DataConfig, ModelConfig, to_yaml
 from mmcst.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger("mmcst")
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+FILE_ONLY = {"file_only": True}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -88,9 +89,10 @@ def dataset_kwargs(data: DataConfig) -> dict[str, Any]:
         kwargs.update(n_train=data.synthetic_train, n_val=data.synthetic_val, size=data.synthetic_size,
                       seed=data.synthetic_seed)
     if data.labels_file is not None:
+        if data.dataset not in ("voc", "synthetic"):
+            raise ConfigError(f"data.labels_file: only the voc and synthetic datasets read a cls_labels.npy, "
+                              f"not {data.dataset!r}")
         kwargs["labels_file"] = data.labels_file
-    if data.cache_images:
-        kwargs["cache_images"] = True
     return kwargs
 
 
@@ -205,6 +207,8 @@ def setup_logging(run_dir: Optional[Path]) -> logging.Logger:
     if not logging.getLogger().handlers:
         console = _TqdmHandler()
         console.setLevel(logging.INFO if is_main_process() else logging.WARNING)
+        # Long records (the resolved config) go to log.txt only: ``log.info(..., extra=FILE_ONLY)``.
+        console.addFilter(lambda record: not getattr(record, "file_only", False))
         handlers.append(console)
     if run_dir is not None and is_main_process():
         handlers.append(logging.FileHandler(run_dir / "log.txt", encoding="utf-8"))

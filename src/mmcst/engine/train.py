@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from mmcst.config import Config, ConfigError, TrainConfig, from_dict, to_yaml
 from mmcst.data.base import DatasetError
 from mmcst.engine.common import (
-    Builders, MetricsWriter, all_reduce_flags, barrier, dataset_from_config, init_distributed, is_main_process,
+    FILE_ONLY, Builders, MetricsWriter, all_reduce_flags, barrier, dataset_from_config, init_distributed, is_main_process,
     log, make_run_dirs, rank, rng_state, run_directory, sample_seed, seed_everything, seed_worker, set_rng_state,
     setup_logging, shard, world_size, write_config, write_env,
 )
@@ -106,26 +106,32 @@ class TrainSamples(Dataset):  # type: ignore[type-arg]
     """Dataset items through the training transform, augmentation seeded from ``(seed, epoch, index)``.
 
     With ``skip_bad`` a :class:`DatasetError` while loading returns ``{"skipped": message}``, which
-    :func:`collate` drops from the batch.
+    :func:`collate` drops from the batch. With ``cache`` decoded samples stay in memory (per loading
+    process: meant for small datasets).
     """
 
-    def __init__(self, dataset: Any, transform: Any, seed: int, skip_bad: bool) -> None:
+    def __init__(self, dataset: Any, transform: Any, seed: int, skip_bad: bool, cache: bool = False) -> None:
         self.dataset = dataset
         self.transform = transform
         self.seed = seed
         self.skip_bad = skip_bad
+        self.cache: Optional[dict[int, dict[str, Any]]] = {} if cache else None
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         epoch, index = key
-        try:
-            sample = self.dataset[index]
-        except DatasetError as exc:
-            if not self.skip_bad:
-                raise
-            return {"skipped": str(exc)}
+        sample = self.cache.get(index) if self.cache is not None else None
+        if sample is None:
+            try:
+                sample = self.dataset[index]
+            except DatasetError as exc:
+                if not self.skip_bad:
+                    raise
+                return {"skipped": str(exc)}
+            if self.cache is not None:
+                self.cache[index] = sample
         with seeded_rng(sample_seed(self.seed, epoch, index)):
             return self.transform(sample)
 
@@ -389,7 +395,8 @@ class _Trainer:
                                                          self.total_steps, self.device)
         workers = cfg.data.num_workers
         self.loader = DataLoader(
-            TrainSamples(self.dataset, builders.train_transform(cfg.data), cfg.seed, cfg.data.skip_bad),
+            TrainSamples(self.dataset, builders.train_transform(cfg.data), cfg.seed, cfg.data.skip_bad,
+                         cfg.data.cache_images),
             batch_sampler=self.sampler, num_workers=workers, collate_fn=collate,
             pin_memory=self.device.type == "cuda", worker_init_fn=seed_worker, persistent_workers=workers > 0,
             # A private generator: creating a loader iterator must not consume the global RNG (exact resume).
@@ -422,7 +429,8 @@ class _Trainer:
             write_config(self.run_dir, cfg)
             env = write_env(self.run_dir, cfg.seed, self.device)
             log.info("run directory: %s", self.run_dir)
-            log.info("config:\n%s", to_yaml(cfg))
+            log.info("resolved config (also in %s):\n%s", self.run_dir / "config.yaml", to_yaml(cfg),
+                     extra=FILE_ONLY)
             log.info("environment: %s", {k: env[k] for k in ("python", "torch", "torchvision", "timm", "open_clip",
                                                               "device", "cuda_device", "git_revision")})
             log.info("seed %d; %d training images (%s), %d classes; %d steps/epoch, %d steps in all; "
