@@ -7,6 +7,7 @@ MCTformer's ``{class_index: HxW float map}`` dicts and PNG label maps are read t
 from __future__ import annotations
 
 import contextlib
+import functools
 import io as _io
 import json
 import os
@@ -141,6 +142,11 @@ def export_mctformer_map(src: str | os.PathLike, dst: str | os.PathLike) -> None
 
 def voc_palette(num: int = 256) -> list[int]:
     """The PASCAL VOC colour map (bit-interleaved class index), flat [R, G, B, ...] for PIL."""
+    return list(_voc_palette(num))
+
+
+@functools.lru_cache(maxsize=4)
+def _voc_palette(num: int) -> tuple[int, ...]:
     palette = []
     for index in range(num):
         r = g = b = 0
@@ -151,7 +157,7 @@ def voc_palette(num: int = 256) -> list[int]:
             b |= ((c >> 2) & 1) << (7 - bit)
             c >>= 3
         palette += [r, g, b]
-    return palette
+    return tuple(palette)
 
 
 def save_label_png(path: str | os.PathLike, label: np.ndarray) -> None:
