@@ -146,7 +146,8 @@ def test_mmcst_summary_layout_and_frozen_clip(clip_weights: str) -> None:
     assert "3 visual | 3 text" in format_summary(summary)
     # the frozen CLIP is re-loaded from its file, never saved in checkpoints
     assert not any(k.startswith("clip") for k in model.state_dict())
-    assert {"class_tokens", "vit.pos_embed", "vit.prefix_pos.cls", "vit.prefix_pos.txt"} <= model.no_weight_decay()
+    assert model.no_weight_decay() == {"class_tokens", "text_proj.weight", "text_proj.bias", "vit.pos_embed",
+                                       "vit.prefix_pos.cls", "vit.prefix_pos.txt"}
 
 
 def test_mctformer_training_uses_fused_attention(monkeypatch: pytest.MonkeyPatch) -> None:

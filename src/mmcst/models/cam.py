@@ -63,7 +63,7 @@ class CAMModel(LocalizationModel):
     def localize(self, images: torch.Tensor, need_affinity: bool = False) -> Localization:
         """ReLU(sum_k w_c^k F^k) for every class; CAM has no patch affinity, so ``affinity`` is None."""
         maps = F.relu(self.classifier(self.features(images)))
-        return Localization(maps=maps, affinity=None)
+        return Localization(maps=maps.float(), affinity=None)
 
     def weight_report(self) -> list[dict[str, Any]]:
         return list(self._reports)

@@ -389,7 +389,9 @@ class MMCST(LocalizationModel):
         return self
 
     def no_weight_decay(self) -> set[str]:
-        names = {"class_tokens", "text_tokens", "lambda_text", "lambda_cls", "logit_scale"}
+        # Tokens and everything that produces them (METHOD 5.2: the text-token parameters, P_in included).
+        names = {"class_tokens", "text_tokens", "text_proj.weight", "text_proj.bias", "lambda_text", "lambda_cls",
+                 "logit_scale"}
         names |= {n for n, _ in self.named_parameters() if "pos" in n.rsplit(".", 1)[-1] or ".prefix_pos." in n}
         if hasattr(self.vit, "no_weight_decay"):
             names |= {f"vit.{n}" for n in self.vit.no_weight_decay()}
