@@ -78,7 +78,7 @@ def test_global_visual_has_no_text_tokens(clip_weights: str) -> None:
     c = len(CLASSES)
     assert model.vit.num_prefix == c and [g for g, _ in model.vit.groups] == ["cls"]
     assert model.text_tokens_in() is None and not hasattr(model, "text_embeddings")  # CLIP not even loaded
-    assert model.token_layout() == f"[{c} visual | h*w patches]"
+    assert model.token_layout() == f"[{c} visual | 4x4=16 patches at 64x64 px]"
     outputs = model(images(), LABELS)
     assert set(model.loss(outputs, {"labels": LABELS})) == {"cls_token", "c2p"}
     with torch.no_grad():

@@ -139,7 +139,7 @@ def test_method_contract(case: str, size: tuple[int, int], patch: int, clip_weig
 def test_mmcst_summary_layout_and_frozen_clip(clip_weights: str) -> None:
     model = build(model_config("mmcst", clip_weights))
     summary = model_summary(model)
-    assert summary["token_layout"] == "[3 visual | 3 text | h*w patches]"
+    assert summary["token_layout"] == "[3 visual | 3 text | 4x4=16 patches at 64x64 px]"
     clip_params = sum(p.numel() for p in model.clip_image.clip_model.parameters())
     assert summary["frozen_parameters"] >= clip_params > 0
     assert [r["path"] for r in summary["weight_reports"]] == [clip_weights]

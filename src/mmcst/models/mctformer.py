@@ -99,6 +99,12 @@ def last_layers(depth: int, count: int, field_name: str) -> list[int]:
     return list(range(depth - count, depth))
 
 
+def patch_layout(vit: TokenViT) -> str:
+    """``h*w patches`` at the native grid, e.g. ``14x14=196 patches at 224x224 px``."""
+    h, w = vit.grid_size
+    return f"{h}x{w}={h * w} patches at {h * vit.patch_size}x{w * vit.patch_size} px"
+
+
 def init_class_tokens(vit: TokenViT, num_classes: int) -> nn.Parameter:
     """C x D class tokens, each a copy of the checkpoint's [CLS] token (MCTformer's initialisation)."""
     cls = vit.pretrained_cls.detach().float().reshape(-1)
@@ -197,7 +203,7 @@ class MCTformer(LocalizationModel):
         return report_dicts(getattr(self.vit, "weight_report", None))
 
     def token_layout(self) -> str:
-        return f"[{self.num_classes} class | h*w patches] (patch {self.vit.patch_size}, {self.cfg.version})"
+        return f"[{self.num_classes} class | {patch_layout(self.vit)}] (MCTformer-{self.cfg.version.upper()})"
 
 
 @register_model("mctformer")

@@ -36,6 +36,7 @@ from mmcst.models.mctformer import (
     init_class_tokens,
     last_layers,
     patch_affinity,
+    patch_layout,
     report_dicts,
 )
 from mmcst.models.registry import register_model
@@ -403,7 +404,8 @@ class MMCST(LocalizationModel):
 
     def token_layout(self) -> str:
         c = self.num_classes
-        layout = f"[{c} visual | {c} text | h*w patches]" if self.use_text else f"[{c} visual | h*w patches]"
+        patches = patch_layout(self.vit)
+        layout = f"[{c} visual | {c} text | {patches}]" if self.use_text else f"[{c} visual | {patches}]"
         if self.decoder is not None:
             layout += f"; T_out from a {self.cfg.decoder_layers}-layer decoder (global tokens x patches)"
         return layout
