@@ -17,7 +17,6 @@ Ablation switches (config ``model.mmcst``): ``tokens`` (global_visual | global |
 from __future__ import annotations
 
 import csv
-import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,6 @@ from mmcst.models.mctformer import (
 )
 from mmcst.models.registry import register_model
 
-log = logging.getLogger(__name__)
 
 # CLIP clamps its learnable logit scale (1 / tau) at 100.
 _MAX_LOGIT_SCALE = 100.0
