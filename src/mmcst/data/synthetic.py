@@ -845,17 +845,24 @@ def _generate(voc_root: Path, params: dict[str, Any], workers: int, progress: bo
 # registry entry and script
 
 @register_dataset("synthetic")
-def synthetic_dataset(root: str | os.PathLike, split: str, n_train: int = 2000, n_val: int = 300, size: int = 224,
-                      seed: int = 0, num_classes: int = MAX_CLASSES, workers: int = 2, progress: bool = False,
-                      **kwargs: Any) -> Any:
+def synthetic_dataset(root: str | os.PathLike, split: str, n_train: int | None = None, n_val: int | None = None,
+                      size: int | None = None, seed: int | None = None, num_classes: int | None = None,
+                      workers: int = 2, progress: bool = False, **kwargs: Any) -> Any:
     """The synthetic dataset as a ``VOCDataset``; ``root`` is a cache folder, generated on first use.
 
+    Parameters left as None take the values of the complete dataset already in ``root`` (so
+    ``mmcst eval --dataset synthetic --root demo_out/data`` reads what the demo generated), else the
+    defaults (2,000 train / 300 val images of 224 px, seed 0, 20 classes).
     Splits: ``train``, ``val``, ``trainval``. Extra keyword arguments go to ``VOCDataset``.
     """
     from mmcst.data.voc import VOCDataset
 
-    voc_root = generate_synthetic(root, n_train=n_train, n_val=n_val, size=size, seed=seed,
-                                  num_classes=num_classes, workers=workers, progress=progress)
+    given = {"n_train": n_train, "n_val": n_val, "size": size, "seed": seed, "num_classes": num_classes}
+    marker = _read_marker(Path(root) / "VOCdevkit" / "VOC2012" / MARKER_NAME) or {}
+    existing = marker.get("params") or {}
+    defaults = {"n_train": 2000, "n_val": 300, "size": 224, "seed": 0, "num_classes": MAX_CLASSES}
+    params = {k: v if v is not None else existing.get(k, defaults[k]) for k, v in given.items()}
+    voc_root = generate_synthetic(root, workers=workers, progress=progress, **params)
     return VOCDataset(voc_root, split, **kwargs)
 
 
