@@ -5,6 +5,7 @@ use it. ``TEST_BUILDERS`` plugs them into ``train``/``infer`` through :class:`mm
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import socket
@@ -259,11 +260,14 @@ def free_port() -> int:
 
 
 def ddp_worker(rank: int, world: int, port: int, cfg_dict: dict[str, Any], out_dir: str) -> None:
-    """One ``torchrun``-like process: the environment variables, then ``train``; saves its final weights."""
+    """One ``torchrun``-like process: the environment variables, ``train`` (saving its final weights), ``infer``."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    from mmcst.engine.infer import infer
     from mmcst.engine.train import train
 
-    train(from_dict(cfg_dict), progress=False, builders=TEST_BUILDERS)
+    run_dir = train(from_dict(cfg_dict), progress=False, builders=TEST_BUILDERS)
     torch.save(BUILT[-1].state_dict(), Path(out_dir) / f"rank{rank}.pt")
+    result = infer(run_dir, "test", pseudo_labels=True, progress=False, builders=TEST_BUILDERS)
+    (Path(out_dir) / f"infer{rank}.json").write_text(json.dumps(result["infer"]))

@@ -7,6 +7,7 @@ revision, command line), ``log.txt``, ``metrics.jsonl``, ``checkpoints/``, ``map
 """
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -97,9 +98,29 @@ def dataset_kwargs(data: DataConfig) -> dict[str, Any]:
 
 
 def dataset_from_config(cfg: Config, split: str, builders: Optional[Builders] = None) -> Any:
-    """Build ``split`` of the dataset described by ``cfg.data``."""
+    """Build ``split`` of the dataset described by ``cfg.data``.
+
+    In a distributed run the main process builds it first (datasets may generate or cache files on
+    first use), then the others.
+    """
     builders = builders or Builders()
-    return builders.dataset(cfg.data.dataset, cfg.data.root, split, **dataset_kwargs(cfg.data))
+
+    def build() -> Any:
+        return builders.dataset(cfg.data.dataset, cfg.data.root, split, **dataset_kwargs(cfg.data))
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return build()
+    dataset, error = None, None
+    for turn in (True, False):
+        if is_main_process() == turn:
+            try:
+                dataset = build()
+            except Exception as exc:  # re-raised after the barrier so no process waits forever
+                error = exc
+        barrier()
+    if error is not None:
+        raise error
+    return dataset
 
 
 # --------------------------------------------------------------------------------------------------
@@ -254,6 +275,11 @@ def select_device(choice: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", index)
 
 
+def autocast(device: torch.device, amp: bool) -> torch.autocast:
+    """bf16 autocast on CUDA when ``amp`` (bf16 has fp32's range: no loss scaler); fp32 on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (CPU and all CUDA devices)."""
     random.seed(seed)
@@ -320,15 +346,16 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
-def init_distributed(device_choice: str) -> tuple[torch.device, bool]:
-    """Set up the process group when ``WORLD_SIZE > 1`` (NCCL on GPU, gloo on CPU); returns ``(device, created)``.
+def init_distributed(device_choice: str) -> torch.device:
+    """Select the device and, when ``WORLD_SIZE > 1``, join the process group (NCCL on GPU, gloo on CPU).
 
-    ``created`` is True when this call created the group (the caller then destroys it at the end).
+    The group is created once per process and kept for later calls (``train`` then ``infer`` in one
+    ``torchrun`` script): tearing it down and re-creating it races between ranks. It is destroyed at exit.
     """
     size = int(os.environ.get("WORLD_SIZE", "1"))
     device = select_device(device_choice, local_rank())
     if size <= 1 or dist.is_initialized():
-        return device, False
+        return device
     missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         raise RuntimeError(f"WORLD_SIZE={size} but {missing} are not set: launch with torchrun")
@@ -337,7 +364,13 @@ def init_distributed(device_choice: str) -> tuple[torch.device, bool]:
     if device.type == "cuda":
         kwargs["device_id"] = device
     dist.init_process_group(**kwargs)
-    return device, True
+    atexit.register(_destroy_process_group)
+    return device
+
+
+def _destroy_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def barrier() -> None:

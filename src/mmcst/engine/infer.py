@@ -27,9 +27,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from mmcst.data.base import DatasetError
 from mmcst.engine.common import (
-    Builders, barrier, dataset_from_config, init_distributed, is_main_process, log, setup_logging, shard,
+    Builders, autocast, barrier, dataset_from_config, init_distributed, is_main_process, log, setup_logging,
+    shard,
 )
-from mmcst.engine.train import _autocast, model_from_run
+from mmcst.engine.train import model_from_run
 from mmcst.io import MapFileError, load_map, save_label_png, save_map
 
 DEFAULT_BG_THRESHOLD = 0.39  # MCTformer's PSA-stage default, "the optimal one obtained for seeds"
@@ -179,7 +180,7 @@ class MapGenerator:
                 F.interpolate(images, size=size, mode="bicubic", align_corners=False)
             if self.flip:  # an image and its flip share a size: one forward for both
                 scaled = torch.cat([scaled, scaled.flip(-1)])
-            with _autocast(self.device, self.amp):
+            with autocast(self.device, self.amp):
                 out = self.model.localize(scaled, need_affinity=self.refine)
             maps = out.maps.float()  # (B or 2B) x C x h x w
             if self.refine:
@@ -255,94 +256,90 @@ def infer(run_dir: str | Path, split: str, scales: Optional[Sequence[float]] = N
     run_dir = Path(run_dir)
     builders = builders or Builders()
     model, cfg, class_names = model_from_run(run_dir, "cpu", builders)
-    torch_device, created_group = init_distributed(device or cfg.device)
+    torch_device = init_distributed(device or cfg.device)
+    model.to(torch_device)
+    setup_logging(run_dir)
+    scales = list(scales) if scales is not None else list(cfg.infer.scales)
+    if not scales or any(s <= 0 for s in scales):
+        raise ValueError(f"scales: expected positive numbers, got {scales}")
+    flip = cfg.infer.flip if flip is None else flip
+    refine = cfg.infer.refine if refine is None else refine
+    max_images = cfg.infer.max_images if max_images is None else max_images
+
+    dataset = dataset_from_config(cfg, split, builders)
+    if list(dataset.class_names) != class_names:
+        raise DatasetError(f"split {split!r} of {cfg.data.root}: classes {list(dataset.class_names)} differ from "
+                           f"the run's {class_names}")
+    count = len(dataset) if max_images is None else min(len(dataset), max_images)
+    if count < len(dataset):
+        dataset = _FirstImages(dataset, count)
+    maps_dir = run_dir / "maps" / split
+    maps_dir.mkdir(parents=True, exist_ok=True)
+    log.info("maps for %d image(s) of %r -> %s (scales %s, flip %s, refine %s, batch %d)", count, split,
+             maps_dir, scales, flip, refine, cfg.infer.batch_size)
+
+    my_indices = shard(range(count))
+    generator = MapGenerator(model, scales, flip, refine, torch_device, cfg.train.amp)
+    loader = DataLoader(_MapJobs(dataset, my_indices, maps_dir, builders.normalize), batch_size=None,
+                        num_workers=cfg.data.num_workers, collate_fn=_identity,
+                        pin_memory=torch_device.type == "cuda")
+    counts: dict[str, Any] = {"written": 0, "reused": 0}
+    writer = ThreadPoolExecutor(max_workers=2)  # compression + fsync overlap the next forward
+    pending: list[Future[None]] = []
+    buckets: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
+
+    def run_bucket(size: tuple[int, int]) -> None:
+        jobs = buckets.pop(size)
+        images = torch.stack([job["image"] for job in jobs]).to(torch_device, non_blocking=True)
+        for job, cam in zip(jobs, generator(images, [job["keys"] for job in jobs])):
+            pending.append(writer.submit(save_map, maps_dir / f"{job['id']}.npy", job["keys"], cam.cpu().numpy()))
+        counts["written"] += len(jobs)
+        while len(pending) > 64:
+            pending.pop(0).result()
+
+    batch_size = max(1, cfg.infer.batch_size)
     try:
-        model.to(torch_device)
-        setup_logging(run_dir)
-        scales = list(scales) if scales is not None else list(cfg.infer.scales)
-        if not scales or any(s <= 0 for s in scales):
-            raise ValueError(f"scales: expected positive numbers, got {scales}")
-        flip = cfg.infer.flip if flip is None else flip
-        refine = cfg.infer.refine if refine is None else refine
-        max_images = cfg.infer.max_images if max_images is None else max_images
-
-        dataset = dataset_from_config(cfg, split, builders)
-        if list(dataset.class_names) != class_names:
-            raise DatasetError(f"split {split!r} of {cfg.data.root}: classes {list(dataset.class_names)} differ from "
-                               f"the run's {class_names}")
-        count = len(dataset) if max_images is None else min(len(dataset), max_images)
-        if count < len(dataset):
-            dataset = _FirstImages(dataset, count)
-        maps_dir = run_dir / "maps" / split
-        maps_dir.mkdir(parents=True, exist_ok=True)
-        log.info("maps for %d image(s) of %r -> %s (scales %s, flip %s, refine %s, batch %d)", count, split,
-                 maps_dir, scales, flip, refine, cfg.infer.batch_size)
-
-        my_indices = shard(range(count))
-        generator = MapGenerator(model, scales, flip, refine, torch_device, cfg.train.amp)
-        loader = DataLoader(_MapJobs(dataset, my_indices, maps_dir, builders.normalize), batch_size=None,
-                            num_workers=cfg.data.num_workers, collate_fn=_identity,
-                            pin_memory=torch_device.type == "cuda")
-        counts: dict[str, Any] = {"written": 0, "reused": 0}
-        writer = ThreadPoolExecutor(max_workers=2)  # compression + fsync overlap the next forward
-        pending: list[Future[None]] = []
-        buckets: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
-
-        def run_bucket(size: tuple[int, int]) -> None:
-            jobs = buckets.pop(size)
-            images = torch.stack([job["image"] for job in jobs]).to(torch_device, non_blocking=True)
-            for job, cam in zip(jobs, generator(images, [job["keys"] for job in jobs])):
-                pending.append(writer.submit(save_map, maps_dir / f"{job['id']}.npy", job["keys"], cam.cpu().numpy()))
-            counts["written"] += len(jobs)
-            while len(pending) > 64:
-                pending.pop(0).result()
-
-        batch_size = max(1, cfg.infer.batch_size)
-        try:
-            for job in tqdm(loader, total=len(my_indices), disable=not (progress and is_main_process()),
-                            unit="img", desc=f"maps {split}", dynamic_ncols=True):
-                if job["reused"]:
-                    counts["reused"] += 1
-                    continue
-                size = tuple(job["image"].shape[-2:])
-                buckets[size].append(job)
-                if len(buckets[size]) >= batch_size:
-                    run_bucket(size)
-                elif sum(len(b) for b in buckets.values()) > 4 * batch_size:
-                    # Many distinct sizes: bound the images held back by running the fullest bucket.
-                    run_bucket(max(buckets, key=lambda s: len(buckets[s])))
-            for size in list(buckets):
+        for job in tqdm(loader, total=len(my_indices), disable=not (progress and is_main_process()),
+                        unit="img", desc=f"maps {split}", dynamic_ncols=True):
+            if job["reused"]:
+                counts["reused"] += 1
+                continue
+            size = tuple(job["image"].shape[-2:])
+            buckets[size].append(job)
+            if len(buckets[size]) >= batch_size:
                 run_bucket(size)
-            for future in pending:
-                future.result()
-        finally:
-            writer.shutdown(wait=True)
-        barrier()
-        counts = _sum_over_ranks(counts)
-        log.info("maps: %d written, %d valid ones kept", counts["written"], counts["reused"])
-
-        result: dict[str, Any] = {}
-        if evaluate:
-            result = _evaluate(run_dir, split, maps_dir, dataset, cfg, progress)
-        if pseudo_labels:
-            threshold, source = _bg_threshold(run_dir, split, bg_threshold)
-            out_dir = run_dir / "pseudo_labels" / split
-            log.info("pseudo-labels with background threshold %.3f (%s) -> %s", threshold, source, out_dir)
-            ids = [dataset.ids[i] for i in my_indices]
-            label_loader = DataLoader(_LabelJobs(ids, maps_dir, out_dir, threshold), batch_size=None,
-                                      num_workers=cfg.data.num_workers, collate_fn=_identity)
-            for _ in tqdm(label_loader, total=len(ids), disable=not (progress and is_main_process()), unit="img",
-                          desc=f"pseudo-labels {split}", dynamic_ncols=True):
-                pass
-            barrier()
-            counts["pseudo_labels"] = count
-            counts["bg_threshold"] = threshold
-        if result:
-            result["infer"] = {"images": count, "scales": scales, "flip": flip, "refine": refine, **counts}
-        return result
+            elif sum(len(b) for b in buckets.values()) > 4 * batch_size:
+                # Many distinct sizes: bound the images held back by running the fullest bucket.
+                run_bucket(max(buckets, key=lambda s: len(buckets[s])))
+        for size in list(buckets):
+            run_bucket(size)
+        for future in pending:
+            future.result()
     finally:
-        if created_group:
-            dist.destroy_process_group()
+        writer.shutdown(wait=True)
+    barrier()
+    counts = _sum_over_ranks(counts)
+    log.info("maps: %d written, %d valid ones kept", counts["written"], counts["reused"])
+
+    result: dict[str, Any] = {}
+    if evaluate:
+        result = _evaluate(run_dir, split, maps_dir, dataset, cfg, progress)
+    if pseudo_labels:
+        threshold, source = _bg_threshold(run_dir, split, bg_threshold)
+        out_dir = run_dir / "pseudo_labels" / split
+        log.info("pseudo-labels with background threshold %.3f (%s) -> %s", threshold, source, out_dir)
+        ids = [dataset.ids[i] for i in my_indices]
+        label_loader = DataLoader(_LabelJobs(ids, maps_dir, out_dir, threshold), batch_size=None,
+                                  num_workers=cfg.data.num_workers, collate_fn=_identity)
+        for _ in tqdm(label_loader, total=len(ids), disable=not (progress and is_main_process()), unit="img",
+                      desc=f"pseudo-labels {split}", dynamic_ncols=True):
+            pass
+        barrier()
+        counts["pseudo_labels"] = count
+        counts["bg_threshold"] = threshold
+    if result:
+        result["infer"] = {"images": count, "scales": scales, "flip": flip, "refine": refine, **counts}
+    return result
 
 
 def _evaluate(run_dir: Path, split: str, maps_dir: Path, dataset: Any, cfg: Any, progress: bool) -> dict[str, Any]:

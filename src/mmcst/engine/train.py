@@ -25,9 +25,9 @@ from torch.utils.data import DataLoader, Dataset
 from mmcst.config import Config, ConfigError, TrainConfig, from_dict, to_yaml
 from mmcst.data.base import DatasetError
 from mmcst.engine.common import (
-    FILE_ONLY, Builders, MetricsWriter, all_reduce_flags, barrier, dataset_from_config, init_distributed, is_main_process,
-    log, make_run_dirs, rank, rng_state, run_directory, sample_seed, seed_everything, seed_worker, set_rng_state,
-    setup_logging, shard, world_size, write_config, write_env,
+    FILE_ONLY, Builders, MetricsWriter, all_reduce_flags, autocast, barrier, dataset_from_config, init_distributed,
+    is_main_process, log, make_run_dirs, rank, rng_state, run_directory, sample_seed, seed_everything, seed_worker,
+    set_rng_state, setup_logging, shard, world_size, write_config, write_env,
 )
 from mmcst.io import atomic_save_torch, atomic_write_json
 
@@ -234,7 +234,8 @@ class _ValSamples(Dataset):  # type: ignore[type-arg]
     """Whole images resized to the training size (the monitor batches them), normalised."""
 
     def __init__(self, dataset: Any, indices: Sequence[int], normalize: Any, size: int, skip_bad: bool) -> None:
-        self.dataset, self.indices, self.normalize, self.size, self.skip_bad = dataset, indices, normalize, size, skip_bad
+        self.dataset, self.indices, self.normalize = dataset, indices, normalize
+        self.size, self.skip_bad = size, skip_bad
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -269,7 +270,7 @@ def classification_map(model: nn.Module, dataset: Any, cfg: Config, builders: Bu
         for batch in loader:
             if not batch["id"]:
                 continue
-            with _autocast(device, cfg.train.amp):
+            with autocast(device, cfg.train.amp):
                 logits = model.classify(batch["image"].to(device, non_blocking=True))
             scores.append(logits.float().cpu().numpy())
             targets.append(batch["labels"].numpy())
@@ -286,11 +287,6 @@ def classification_map(model: nn.Module, dataset: Any, cfg: Config, builders: Bu
 
 # --------------------------------------------------------------------------------------------------
 # checkpoints
-
-
-def _autocast(device: torch.device, amp: bool) -> Any:
-    # bf16 has fp32's range: no loss scaler is needed. CPU runs in fp32.
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -529,7 +525,7 @@ class _Trainer:
         return self.run_dir
 
     def _train_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        with _autocast(self.device, self.cfg.train.amp):
+        with autocast(self.device, self.cfg.train.amp):
             outputs = self.forward_model(batch["image"], batch["labels"], extras=batch)
             terms = self.model.loss(outputs, batch)
         total = torch.stack([t.float() for t in terms.values()]).sum()
@@ -655,9 +651,5 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, *, builders:
 
     Under ``torchrun`` (``WORLD_SIZE > 1``) every process calls this; ``cfg.train.batch_size`` is global.
     """
-    device, created_group = init_distributed(cfg.device)
-    try:
-        return _Trainer(cfg, resume, progress, builders or Builders(), device).run()
-    finally:
-        if created_group:
-            dist.destroy_process_group()
+    device = init_distributed(cfg.device)
+    return _Trainer(cfg, resume, progress, builders or Builders(), device).run()
