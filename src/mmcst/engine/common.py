@@ -29,9 +29,11 @@ from mmcst.config import Config, ConfigError, DataConfig, ModelConfig, to_yaml
 from mmcst.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger("mmcst")
+# Long records (the resolved config) go to log.txt only, not to any console.
+file_log = logging.getLogger("mmcst.run_file")
+file_log.propagate = False
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-FILE_ONLY = {"file_only": True}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -218,25 +220,26 @@ def setup_logging(run_dir: Optional[Path]) -> logging.Logger:
     root handler); otherwise records propagate to its handlers. Other ranks print warnings only.
     Calling it again (a second run in one process) replaces the handlers it added before.
     """
-    for handler in list(log.handlers):
-        if getattr(handler, _HANDLER_MARK, False):
-            log.removeHandler(handler)
-            handler.close()
+    for logger in (log, file_log):
+        for handler in list(logger.handlers):
+            if getattr(handler, _HANDLER_MARK, False):
+                logger.removeHandler(handler)
+                handler.close()
     log.setLevel(logging.INFO)
+    file_log.setLevel(logging.INFO)
     formatter = logging.Formatter(LOG_FORMAT)
-    handlers: list[logging.Handler] = []
     if not logging.getLogger().handlers:
         console = _TqdmHandler()
         console.setLevel(logging.INFO if is_main_process() else logging.WARNING)
-        # Long records (the resolved config) go to log.txt only: ``log.info(..., extra=FILE_ONLY)``.
-        console.addFilter(lambda record: not getattr(record, "file_only", False))
-        handlers.append(console)
+        console.setFormatter(formatter)
+        setattr(console, _HANDLER_MARK, True)
+        log.addHandler(console)
     if run_dir is not None and is_main_process():
-        handlers.append(logging.FileHandler(run_dir / "log.txt", encoding="utf-8"))
-    for handler in handlers:
-        handler.setFormatter(formatter)
-        setattr(handler, _HANDLER_MARK, True)
-        log.addHandler(handler)
+        for logger in (log, file_log):
+            handler = logging.FileHandler(run_dir / "log.txt", encoding="utf-8")
+            handler.setFormatter(formatter)
+            setattr(handler, _HANDLER_MARK, True)
+            logger.addHandler(handler)
     return log
 
 

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from mmcst.config import Config, ConfigError, TrainConfig, from_dict, to_yaml
 from mmcst.data.base import DatasetError
 from mmcst.engine.common import (
-    FILE_ONLY, Builders, MetricsWriter, all_reduce_flags, autocast, barrier, dataset_from_config, init_distributed,
+    Builders, MetricsWriter, all_reduce_flags, autocast, barrier, dataset_from_config, file_log, init_distributed,
     is_main_process, log, make_run_dirs, rank, rng_state, run_directory, sample_seed, seed_everything, seed_worker,
     set_rng_state, setup_logging, shard, world_size, write_config, write_env,
 )
@@ -425,8 +425,8 @@ class _Trainer:
             write_config(self.run_dir, cfg)
             env = write_env(self.run_dir, cfg.seed, self.device)
             log.info("run directory: %s", self.run_dir)
-            log.info("resolved config (also in %s):\n%s", self.run_dir / "config.yaml", to_yaml(cfg),
-                     extra=FILE_ONLY)
+            log.info("resolved config: %s", self.run_dir / "config.yaml")
+            file_log.info("resolved config:\n%s", to_yaml(cfg))
             log.info("environment: %s", {k: env[k] for k in ("python", "torch", "torchvision", "timm", "open_clip",
                                                               "device", "cuda_device", "git_revision")})
             log.info("seed %d; %d training images (%s), %d classes; %d steps/epoch, %d steps in all; "
