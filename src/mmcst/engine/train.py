@@ -38,6 +38,10 @@ class NonFiniteLossError(RuntimeError):
     """A loss term became NaN or Inf; the message names the step and the term(s)."""
 
 
+class RunExistsError(FileExistsError, ValueError):
+    """The run directory already holds a checkpoint and ``resume`` was not asked for."""
+
+
 # --------------------------------------------------------------------------------------------------
 # data
 
@@ -355,7 +359,7 @@ class _Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.last_path = self.ckpt_dir / "last.pth"
         if self.last_path.is_file() and not resume:
-            raise FileExistsError(f"{self.run_dir} already holds a checkpoint: pass resume=True (--resume) to "
+            raise RunExistsError(f"{self.run_dir} already holds a checkpoint: pass resume=True (--resume) to "
                                   "continue it, or choose another name")
         if is_main_process():
             make_run_dirs(self.run_dir)
