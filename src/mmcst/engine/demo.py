@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +111,11 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, methods: Optiona
 
     for method in methods:
         cfg = demo_config(method, out, budget, seed)
+        run_dir = Path(cfg.out_dir) / cfg.name
+        if run_dir.exists():
+            # The demo owns <out>/runs: each demo run trains afresh instead of resuming an older budget.
+            log.info("removing the previous demo run %s", run_dir)
+            shutil.rmtree(run_dir)
         t0 = time.time()
         run_dir = train(cfg, resume=False, progress=progress)
         train_seconds = time.time() - t0
