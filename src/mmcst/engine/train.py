@@ -471,6 +471,7 @@ class _Trainer:
                    unit="step", dynamic_ncols=True, desc=self.cfg.name)
         started = time.perf_counter()
         elapsed_before = self.elapsed
+        self.run_started, self.elapsed_before_run = started, elapsed_before
         window_start, window_images = time.perf_counter(), 0
         terms: dict[str, torch.Tensor] = {}
         saved_at = self.step if self.last_path.is_file() else -1
@@ -541,13 +542,33 @@ class _Trainer:
                 "no checkpoint was written yet"
             raise NonFiniteLossError(f"non-finite loss at step {self.step + 1} (epoch {self.epoch}): {where}; "
                                      f"training stopped, {kept}")
+        if self.cfg.train.time_budget_s is not None:
+            self._follow_time_budget()
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         if self.cfg.train.clip_grad is not None:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.clip_grad)
         self.optimizer.step()
-        self.scheduler.step()
+        if self.cfg.train.time_budget_s is None:
+            self.scheduler.step()
         return terms
+
+    def _follow_time_budget(self) -> None:
+        """With a wall-clock budget the schedule runs on whichever ends first, steps or time.
+
+        The cosine is evaluated at ``max(step, elapsed / budget * total_steps)``, so a run cut by its budget
+        still ends at ``min_lr`` instead of stopping near the top of its schedule. Such runs depend on
+        timing, so they are not bitwise repeatable; step-limited runs are.
+        """
+        cfg = self.cfg.train
+        elapsed = self.elapsed_before_run + time.perf_counter() - self.run_started
+        fraction = min(1.0, elapsed / max(cfg.time_budget_s, 1e-9))
+        virtual = max(self.step, int(fraction * self.total_steps))
+        base_lr = scaled_lr(cfg)
+        warmup_steps = min(self.total_steps, round(cfg.warmup_epochs * self.steps_per_epoch))
+        lr = lr_at(virtual, base_lr, cfg.warmup_lr, cfg.min_lr, warmup_steps, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
 
     def _note_skipped(self, messages: list[str]) -> None:
         for message in messages:
