@@ -73,6 +73,17 @@ def test_data_check_and_export(workspace, capsys, tmp_path):
     assert victim.name in capsys.readouterr().out
 
 
+def test_coco_gt(tmp_path, capsys):
+    from fixtures_data import coco_expected_masks, make_coco
+    root = make_coco(tmp_path / "coco")
+    assert run("data", "coco-gt", "--root", str(root), "--split", "val2014", "--out", str(tmp_path / "sem")) == 0
+    expected = coco_expected_masks()
+    pngs = sorted((tmp_path / "sem").glob("*.png"))
+    assert len(pngs) == len(expected)
+    for png in pngs:
+        assert (load_label_png(png) == expected[png.stem]).all(), png.name
+
+
 def test_model_summary(capsys):
     assert run("model", "summary", str(REPO / "configs/demo/mmcst.yaml"), "--num-classes", "5") == 0
     out = capsys.readouterr().out
