@@ -73,6 +73,48 @@ def single_pass(images, thresholds: np.ndarray) -> tuple[ThresholdCurve, list[tu
     return curve, curve.curve()
 
 
+def measure(n: int = 1464, num_thresholds: int = 96, naive_images: int = 100, naive_thresholds: int = 3,
+            seed: int = 0) -> dict[str, Any]:
+    """Both evaluations of ``n`` random maps; the naive one timed on a subset and extrapolated (flagged)."""
+    thresholds = threshold_grid(0.0, (num_thresholds - 1) / 100, 0.01)
+    t0 = time.perf_counter()
+    images = make_data(n, seed)
+    build_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    curve, _ = single_pass(images, thresholds)
+    single_s = time.perf_counter() - t0
+    best_t, best_miou = curve.best()
+
+    subset_images = images[: min(naive_images, n)]
+    subset_thresholds = thresholds[np.linspace(0, thresholds.size - 1, min(naive_thresholds, thresholds.size)).astype(int)]
+    t0 = time.perf_counter()
+    naive = naive_confusions(subset_images, subset_thresholds)
+    naive_subset_s = time.perf_counter() - t0
+    naive_full_s = naive_subset_s * (n / len(subset_images)) * (thresholds.size / subset_thresholds.size)
+    extrapolated = len(subset_images) < n or subset_thresholds.size < thresholds.size
+
+    subset_curve, _ = single_pass(subset_images, thresholds)
+    agree = all(np.array_equal(subset_curve.confusion_at(int(np.flatnonzero(thresholds == t)[0])).matrix, naive[k])
+                for k, t in enumerate(subset_thresholds))
+
+    return {
+        "images": n, "size": [HEIGHT, WIDTH], "thresholds": int(thresholds.size), "map_dtype": "float16",
+        "mean_classes_per_image": float(np.mean([keys.size for keys, _, _ in images])),
+        "build_data_s": round(build_s, 2),
+        "single_pass_s": round(single_s, 3),
+        "single_pass_ms_per_image": round(1000 * single_s / n, 3),
+        "naive_s": round(naive_full_s, 1),
+        "naive_extrapolated": extrapolated,
+        "naive_timed_subset": {"images": len(subset_images), "thresholds": int(subset_thresholds.size),
+                               "seconds": round(naive_subset_s, 2)},
+        "speedup": round(naive_full_s / single_s, 1),
+        "subset_confusions_identical": agree,
+        "best": {"threshold": best_t, "miou": round(best_miou, 3)},
+        "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+    }
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=1464, help="images (VOC train has 1,464)")
@@ -83,54 +125,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = parser.parse_args(argv)
 
-    thresholds = threshold_grid(0.0, (args.thresholds - 1) / 100, 0.01)
-    t0 = time.perf_counter()
-    images = make_data(args.n, args.seed)
-    build_s = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    curve, points = single_pass(images, thresholds)
-    single_s = time.perf_counter() - t0
-    best_t, best_miou = curve.best()
-
-    subset_images = images[: min(args.naive_images, args.n)]
-    subset_thresholds = thresholds[np.linspace(0, thresholds.size - 1, min(args.naive_thresholds, thresholds.size)).astype(int)]
-    t0 = time.perf_counter()
-    naive = naive_confusions(subset_images, subset_thresholds)
-    naive_subset_s = time.perf_counter() - t0
-    naive_full_s = naive_subset_s * (args.n / len(subset_images)) * (thresholds.size / subset_thresholds.size)
-    extrapolated = len(subset_images) < args.n or subset_thresholds.size < thresholds.size
-
-    subset_curve, _ = single_pass(subset_images, thresholds)
-    agree = all(np.array_equal(subset_curve.confusion_at(int(np.flatnonzero(thresholds == t)[0])).matrix, naive[k])
-                for k, t in enumerate(subset_thresholds))
-
-    report = {
-        "images": args.n, "size": [HEIGHT, WIDTH], "thresholds": int(thresholds.size), "map_dtype": "float16",
-        "mean_classes_per_image": float(np.mean([keys.size for keys, _, _ in images])),
-        "build_data_s": round(build_s, 2),
-        "single_pass_s": round(single_s, 3),
-        "single_pass_ms_per_image": round(1000 * single_s / args.n, 3),
-        "naive_s": round(naive_full_s, 1),
-        "naive_extrapolated": extrapolated,
-        "naive_timed_subset": {"images": len(subset_images), "thresholds": int(subset_thresholds.size),
-                               "seconds": round(naive_subset_s, 2)},
-        "speedup": round(naive_full_s / single_s, 1),
-        "subset_confusions_identical": agree,
-        "best": {"threshold": best_t, "miou": round(best_miou, 3)},
-        "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
-    }
+    report = measure(args.n, args.thresholds, args.naive_images, args.naive_thresholds, args.seed)
     if args.json:
         print(json.dumps(report))
     else:
+        subset = report["naive_timed_subset"]
         print(f"{args.n} maps {WIDTH}x{HEIGHT} (float16, {report['mean_classes_per_image']:.2f} classes/image), "
-              f"{thresholds.size} thresholds, {os.cpu_count()} CPU cores")
-        print(f"single pass : {single_s:8.2f} s  ({report['single_pass_ms_per_image']:.2f} ms/image, whole curve)")
-        how = (f"extrapolated from {len(subset_images)} images x {subset_thresholds.size} thresholds "
-               f"timed in {naive_subset_s:.1f} s" if extrapolated else "measured")
-        print(f"naive loop  : {naive_full_s:8.1f} s  ({how})")
+              f"{report['thresholds']} thresholds, {os.cpu_count()} CPU cores")
+        print(f"single pass : {report['single_pass_s']:8.2f} s  ({report['single_pass_ms_per_image']:.2f} ms/image, "
+              "whole curve)")
+        how = (f"extrapolated from {subset['images']} images x {subset['thresholds']} thresholds "
+               f"timed in {subset['seconds']:.1f} s" if report["naive_extrapolated"] else "measured")
+        print(f"naive loop  : {report['naive_s']:8.1f} s  ({how})")
         print(f"speed-up    : {report['speedup']:8.1f} x")
-        print(f"confusion matrices identical on the subset: {agree}; best mIoU {best_miou:.2f} at t = {best_t:.2f}")
+        print(f"confusion matrices identical on the subset: {report['subset_confusions_identical']}; "
+              f"best mIoU {report['best']['miou']:.2f} at t = {report['best']['threshold']:.2f}")
     return report
 
 

@@ -9,10 +9,11 @@ model (``--repeats`` runs each, in alternating order, median shown):
 
 * ``fused``: mmcst's default; the ViT blocks run fused scaled-dot-product attention (no attention matrix);
 * ``explicit``: every block computes ``softmax(Q K^T) V`` explicitly (timm's non-fused path), which is
-  what MCTformer does in every training step.
+  what MCTformer does in every training step, under fp16 autocast with a GradScaler and a foreach AdamW
+  (MCTformer's mixed precision) on CUDA.
 
-On CUDA the step runs under bf16 autocast and the peak allocated memory is reported. Models start from
-random weights (throughput does not depend on them); ``--clip-weights`` adds the frozen CLIP image
+On CUDA ``fused`` runs under bf16 autocast with fused AdamW, and the peak allocated memory is reported.
+Models start from random weights (throughput does not depend on them); ``--clip-weights`` adds the frozen CLIP image
 encoder of the context loss, otherwise MMCST runs with ``prior.kind=none``. CAM has no attention, so it
 is timed once (``fused`` row only).
 """
@@ -20,9 +21,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -32,18 +34,23 @@ from mmcst.models.registry import build_model
 VARIANTS = ("fused", "explicit")
 
 
-def make_model(args: argparse.Namespace, size: int) -> Any:
-    cfg = ModelConfig(name=args.model)
-    cfg.backbone.name = args.backbone
-    cfg.backbone.img_size = size if args.model != "cam" else None
+def model_config(model: str, backbone: str, size: int, backbone_overrides: Optional[dict[str, Any]] = None,
+                 clip_model: str = "ViT-B-16-quickgelu", clip_weights: Optional[str] = None) -> ModelConfig:
+    """The benchmarked model's config: random weights, ``prior.kind=none`` unless CLIP weights are given,
+    MCTformer as V2. ``backbone_overrides`` (patch_size, embed_dim, depth, num_heads) make toy models."""
+    cfg = ModelConfig(name=model)
+    cfg.backbone.name = backbone
+    cfg.backbone.img_size = size if model != "cam" else None
     cfg.backbone.drop_path_rate = 0.1
-    if args.clip_weights:
-        cfg.prior.kind, cfg.prior.clip_model, cfg.prior.clip_weights = "clip", args.clip_model, args.clip_weights
+    for key, value in (backbone_overrides or {}).items():
+        setattr(cfg.backbone, key, value)
+    if clip_weights:
+        cfg.prior.kind, cfg.prior.clip_model, cfg.prior.clip_weights = "clip", clip_model, clip_weights
     else:
         cfg.prior.kind = "none"
-    if args.model == "mctformer":
+    if model == "mctformer":
         cfg.mctformer.version = "v2"
-    return build_model(cfg, [f"class{i}" for i in range(args.classes)])
+    return cfg
 
 
 def set_explicit_attention(model: Any, explicit: bool) -> int:
@@ -57,54 +64,116 @@ def set_explicit_attention(model: Any, explicit: bool) -> int:
     return count
 
 
-def run_variant(args: argparse.Namespace, size: int, variant: str, device: torch.device) -> dict[str, Any]:
-    torch.manual_seed(0)
-    model = make_model(args, size).to(device)
-    if set_explicit_attention(model, variant == "explicit") == 0 and variant == "explicit":
-        raise ValueError(f"--variants explicit: {args.model} has no timm attention block to switch")
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.05)
-    images = torch.randn(args.batch, 3, size, size, device=device)
-    labels = (torch.rand(args.batch, args.classes, device=device) < 0.15).float()
-    labels[:, 0] = 1.0  # at least one class per image (label-masked pooling)
-    batch = {"labels": labels, "id": [str(i) for i in range(args.batch)]}
-    use_amp = device.type == "cuda"
+def forward_flops(model: Any, height: int, width: int) -> Optional[float]:
+    """Model FLOPs (2 x multiply-adds) of one forward pass for one ``height x width`` image.
 
-    def step() -> None:
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-            outputs = model(images, labels)
-            loss = sum(model.loss(outputs, batch).values())
+    Counts the matmuls of the ViT: the patch embedding and, in every block, qkv, Q K^T, attention x V,
+    the output projection and the MLP, for the actual token count N = prefix tokens + patches. Norms,
+    activations, softmax and the methods' small heads (< 1 %) are not counted. None for non-ViT models.
+    """
+    vit = getattr(model, "vit", None)
+    if vit is None or not hasattr(vit, "blocks"):
+        return None
+    patch, dim = vit.patch_size, vit.embed_dim
+    patches = (height // patch) * (width // patch)
+    tokens = vit.num_prefix + patches
+    macs = patches * 3 * patch * patch * dim
+    for block in vit.blocks:
+        hidden = block.mlp.fc1.out_features
+        macs += tokens * dim * 3 * dim + 2 * tokens * tokens * dim + tokens * dim * dim + 2 * tokens * dim * hidden
+    return 2.0 * macs
+
+
+def time_training(model: str, backbone: str, size: int, batch: int, variant: str, device: torch.device, *,
+                  steps: int = 5, warmup: int = 1, classes: int = 20,
+                  backbone_overrides: Optional[dict[str, Any]] = None, clip_model: str = "ViT-B-16-quickgelu",
+                  clip_weights: Optional[str] = None, peak_tflops: Optional[float] = None) -> dict[str, Any]:
+    """Time ``steps`` training steps (after ``warmup``) of one variant; one result row.
+
+    ``fused`` is mmcst's training step: fused SDPA attention, bf16 autocast on CUDA (no loss scaler),
+    fused AdamW on CUDA. ``explicit`` is the peers' (MCTformer's) step: explicit softmax(QK^T)V in every
+    block, fp16 autocast with a GradScaler on CUDA, foreach AdamW. On CPU both run in float32.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
+    torch.manual_seed(0)
+    cfg = model_config(model, backbone, size, backbone_overrides, clip_model, clip_weights)
+    net = build_model(cfg, [f"class{i}" for i in range(classes)]).to(device)
+    explicit = variant == "explicit"
+    if set_explicit_attention(net, explicit) == 0 and explicit:
+        raise ValueError(f"variant explicit: {model} has no timm attention block to switch")
+    net.train()
+    params = [p for p in net.parameters() if p.requires_grad]
+    cuda = device.type == "cuda"
+    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.05, fused=cuda and not explicit)
+    amp_dtype = torch.float16 if explicit else torch.bfloat16
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda and explicit)
+    images = torch.randn(batch, 3, size, size, device=device)
+    labels = (torch.rand(batch, classes, device=device) < 0.15).float()
+    labels[:, 0] = 1.0  # at least one class per image (label-masked pooling)
+    batch_dict = {"labels": labels, "id": [str(i) for i in range(batch)]}
+    losses: list[float] = []
+
+    def step() -> torch.Tensor:
+        with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=cuda):
+            outputs = net(images, labels)
+            loss = sum(net.loss(outputs, batch_dict).values())
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return loss.detach()
 
     def sync() -> None:
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize(device)
 
-    row: dict[str, Any] = {"model": args.model, "backbone": args.backbone, "size": size, "batch": args.batch,
-                           "variant": variant, "classes": args.classes}
+    flops = forward_flops(net, size, size)
+    row: dict[str, Any] = {"model": model, "backbone": backbone, "size": size, "batch": batch, "variant": variant,
+                           "classes": classes, "attention": "explicit" if explicit else "fused",
+                           "precision": ("fp16+GradScaler" if explicit else "bf16") if cuda else "fp32",
+                           "train_flops_per_image": None if flops is None else 3 * flops}
     try:
-        for _ in range(args.warmup):
+        for _ in range(warmup):
             step()
         sync()
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
-        for _ in range(args.steps):
-            step()
+        # Losses stay on the device until the end: a .item() per step would add a sync to the timing.
+        timed = [step() for _ in range(steps)]
         sync()
         elapsed = time.perf_counter() - start
-        row.update(step_s=elapsed / args.steps, images_per_s=args.batch * args.steps / elapsed)
-        row["peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+        losses = [float(v) for v in timed]
+        row.update(step_s=elapsed / steps, images_per_s=batch * steps / elapsed, losses=losses,
+                   losses_finite=all(math.isfinite(v) for v in losses))
+        row["peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
+        if flops is not None:
+            row["achieved_tflops"] = 3 * flops * row["images_per_s"] / 1e12
+            if peak_tflops:
+                row["peak_tflops"] = peak_tflops
+                row["percent_of_peak"] = 100 * row["achieved_tflops"] / peak_tflops
     except torch.cuda.OutOfMemoryError:
         row.update(step_s=None, images_per_s=None, peak_mem_mib=None, error="out of memory")
     finally:
-        del model, optimizer
-        if device.type == "cuda":
+        del net, optimizer
+        if cuda:
             torch.cuda.empty_cache()
     return row
+
+
+def compare_training(model: str, backbone: str, size: int, batch: int, device: torch.device, *,
+                     variants: Sequence[str] = VARIANTS, repeats: int = 1, **kwargs: Any) -> list[dict[str, Any]]:
+    """One row per variant (median over ``repeats`` runs), in the order of ``variants``.
+
+    The variants alternate over repeats so that drifting machine load affects each alike.
+    ``kwargs`` go to :func:`time_training`.
+    """
+    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+    for repeat in range(repeats):
+        for variant in (variants if repeat % 2 == 0 else variants[::-1]):
+            runs[variant].append(time_training(model, backbone, size, batch, variant, device, **kwargs))
+    return [_median_row(runs[v]) for v in variants]
 
 
 def _median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -156,15 +225,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     variants = ["fused"] if args.model == "cam" else args.variants
     rows = []
     for size in args.size:
-        # Variants alternate over repeats so that drifting machine load affects each alike; the median counts.
-        runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
-        for repeat in range(args.repeats):
-            for variant in (variants if repeat % 2 == 0 else variants[::-1]):
-                runs[variant].append(run_variant(args, size, variant, device))
-        rows += [_median_row(runs[v]) for v in variants]
+        rows += compare_training(args.model, args.backbone, size, args.batch, device, variants=variants,
+                                 repeats=args.repeats, steps=args.steps, warmup=args.warmup, classes=args.classes,
+                                 clip_model=args.clip_model, clip_weights=args.clip_weights)
     env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
            "torch": torch.__version__, "threads": torch.get_num_threads(),
-           "autocast": "bf16" if device.type == "cuda" else "off"}
+           "autocast": "bf16 fused / fp16+GradScaler explicit" if device.type == "cuda" else "off"}
     print(f"# {args.model} training step, {env['device']}, torch {env['torch']}, {env['threads']} threads, "
           f"autocast {env['autocast']}, median of {args.repeats} run(s) of {args.steps} timed steps after "
           f"{args.warmup} warm-up")

@@ -1,0 +1,161 @@
+"""Prepared check of the CUDA paths, with the full benchmark table; one command on a GPU machine.
+
+    python benchmarks/gpu_check.py --out gpu.json [--preset gpu|cpu] [--peak-tflops 989]
+
+1. installs the project (editable, no dependencies) when ``mmcst`` is not importable;
+2. prints the device; stops with exit status 2 and a message when CUDA is not available;
+3. checks that the fused SDPA attention runs with the flash kernel under bf16 autocast;
+4. checks that a few bf16 training steps of MMCST and MCTformer-V2 (ViT-S/16, 224, batch 8) give finite
+   losses, and records their peak memory;
+5. compares bf16 with float32 maps (3 scales + flip, refinement, 500 x 375): correlation and max abs
+   difference of the normalised maps;
+6. runs ``python -m benchmarks.run --preset gpu`` (in process) and adds its figures.
+
+Everything goes to ``--out`` as JSON, rewritten after each step (a run cut short keeps what it measured).
+The exit status is 1 when a check fails, 0 otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as a script: make ``benchmarks`` importable
+    sys.path.insert(0, str(REPO))
+
+MIN_MAP_CORRELATION = 0.99  # bf16 maps must track the float32 ones closely
+
+
+def ensure_installed() -> Optional[str]:
+    """Install the project (editable, no dependencies: they come with the environment) when missing."""
+    if importlib.util.find_spec("mmcst") is not None:
+        return None
+    command = [sys.executable, "-m", "pip", "install", "--no-deps", "-e", str(REPO)]
+    print("installing the project:", " ".join(command), flush=True)
+    subprocess.run(command, check=True)
+    importlib.invalidate_caches()
+    return " ".join(command)
+
+
+def check_sdpa_flash(device: Any) -> dict[str, Any]:
+    """A bf16 forward of MMCST ViT-S/16 restricted to the flash SDPA kernel (it raises when not usable)."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from benchmarks.infer_speed import build_map_model
+
+    model = build_map_model("mmcst", "vit_small_patch16_224", device)
+    images = torch.randn(2, 3, 224, 224, device=device)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16), sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        logits = model.classify(images)
+    return {"flash_attention_bf16": True, "finite": bool(torch.isfinite(logits).all())}
+
+
+def check_bf16_training(device: Any, steps: int = 5) -> dict[str, Any]:
+    """A few bf16 training steps per model; finite losses, throughput and peak memory."""
+    from benchmarks.model_speed import time_training
+
+    rows = {}
+    for model in ("mmcst", "mctformer"):
+        row = time_training(model, "vit_small_patch16_224", 224, 8, "fused", device, steps=steps, warmup=1)
+        rows[model] = {k: row.get(k) for k in ("precision", "losses", "losses_finite", "images_per_s",
+                                               "peak_mem_mib", "error")}
+    return {"rows": rows, "ok": all(r["losses_finite"] for r in rows.values())}
+
+
+def check_bf16_maps(device: Any, images: int = 4) -> dict[str, Any]:
+    """bf16 vs float32 maps of the same random-weight model and images (both normalised to [0, 1])."""
+    import torch
+
+    from benchmarks import infer_speed
+    from mmcst.engine.infer import MapGenerator
+
+    model = infer_speed.build_map_model("mmcst", "vit_small_patch16_224", device)
+    data = infer_speed.make_images(images)
+    maps = {}
+    for name, amp in (("bf16", True), ("fp32", False)):
+        torch.cuda.reset_peak_memory_stats(device)
+        generator = MapGenerator(model, infer_speed.SCALES, True, True, device, amp=amp)
+        maps[name] = infer_speed.ours(generator, data, images, device)
+        maps[f"{name}_peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    agreement = infer_speed.map_agreement(maps["bf16"], maps["fp32"])
+    return {**agreement, "images": images, "peak_mem_mib": {k: maps[f"{k}_peak_mem_mib"] for k in ("bf16", "fp32")},
+            "min_correlation": MIN_MAP_CORRELATION, "ok": agreement["correlation"] >= MIN_MAP_CORRELATION}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="JSON file for all checks and figures")
+    parser.add_argument("--preset", default="gpu", choices=["gpu", "cpu"], help="benchmark preset (cpu: a quick one)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for %%peak (default: H100 bf16)")
+    args = parser.parse_args(argv)
+
+    report: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "checks": {}}
+    report["installed_with"] = ensure_installed()
+
+    import torch
+
+    from benchmarks import run as bench
+    from mmcst.io import atomic_write_json
+
+    if not torch.cuda.is_available():
+        report["error"] = "CUDA is not available: this check needs a GPU"
+        atomic_write_json(args.out, report)
+        print(f"gpu_check: {report['error']} (torch {torch.__version__}, built for CUDA "
+              f"{torch.version.cuda}); wrote {args.out}", file=sys.stderr)
+        return 2
+    device = torch.device("cuda")
+    properties = torch.cuda.get_device_properties(device)
+    report["device"] = {"name": properties.name, "memory_gib": round(properties.total_memory / 2**30, 1),
+                        "capability": list(torch.cuda.get_device_capability(device)), "torch": torch.__version__,
+                        "cuda": torch.version.cuda, "bf16_supported": torch.cuda.is_bf16_supported()}
+    print(f"device: {properties.name}, {report['device']['memory_gib']} GiB, torch {torch.__version__}, "
+          f"CUDA {torch.version.cuda}", flush=True)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    failed = False
+
+    def step(name: str, function: Callable[[], dict[str, Any]]) -> None:
+        nonlocal failed
+        started = time.perf_counter()
+        try:
+            result = function()
+        except Exception as exc:  # recorded and reported: the later checks still run
+            result = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+        result["seconds"] = round(time.perf_counter() - started, 1)
+        failed = failed or result.get("ok") is False
+        report["checks"][name] = result
+        atomic_write_json(args.out, report)
+        print(f"{name}: {'FAILED' if result.get('ok') is False else 'ok'} ({result['seconds']} s) "
+              + (result.get("error") or ""), flush=True)
+
+    step("sdpa_flash", lambda: check_sdpa_flash(device))
+    step("bf16_training", lambda: check_bf16_training(device))
+    step("bf16_vs_fp32_maps", lambda: check_bf16_maps(device))
+    report["checks"]["peak_mem_mib_so_far"] = torch.cuda.max_memory_allocated(device) / 2**20
+
+    def benchmark() -> dict[str, Any]:
+        peak = args.peak_tflops if args.peak_tflops is not None else bench.H100_BF16_DENSE_TFLOPS
+        result = bench.run(args.preset, device, peak)
+        result["command"] = f"python benchmarks/gpu_check.py --out {args.out} --preset {args.preset}"
+        report["benchmark"] = result
+        print(bench.format_tables(result), flush=True)
+        ok = result["maps"]["maps_equal"] and result["evaluation"]["subset_confusions_identical"] and all(
+            pair["ours"].get("losses_finite", False) for pair in result["training"] if not pair["ours"].get("error"))
+        return {"ok": bool(ok), "targets_met": [t["target"] for t in result["targets"] if t["met"]],
+                "targets_missed": [t["target"] for t in result["targets"] if t["met"] is False]}
+
+    step("benchmark", benchmark)
+    report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    atomic_write_json(args.out, report)
+    print(f"wrote {args.out}; checks {'FAILED' if failed else 'passed'}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Benchmark functions at toy sizes: they run on CPU, return the figures the table needs, and the paired
+reference implementations compute the same thing as ours."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks import eval_speed, gpu_check, infer_speed, run
+from benchmarks.model_speed import compare_training, forward_flops, model_config, set_explicit_attention
+from mmcst.engine.infer import MapGenerator
+from mmcst.models.registry import build_model
+
+TOY = {"patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads": 2}
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("model", ["mmcst", "mctformer"])
+def test_forward_flops_match_a_flop_counter(model):
+    cfg = model_config(model, "vit_small_patch16_224", 32, TOY)
+    net = build_model(cfg, ["a", "b", "c"]).eval()
+    set_explicit_attention(net, True)  # Q K^T and attention x V as plain matmuls the counter sees
+    prefix = {"cls": net.class_tokens} if model == "mctformer" else {"cls": net.class_tokens, "txt": net.text_tokens}
+    images = torch.randn(1, 3, 40, 48)  # non-square: 5 x 6 patches, N = prefix + 30
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        net.vit(images, prefix)
+    assert forward_flops(net, 40, 48) == counter.get_total_flops()
+
+
+def test_training_pair_runs_and_variants_compute_the_same_loss():
+    ours, reference = compare_training("mmcst", "vit_small_patch16_224", 32, 2, CPU, steps=2, warmup=0, classes=3,
+                                       backbone_overrides=TOY, peak_tflops=1.0)
+    for row in (ours, reference):
+        assert row["images_per_s"] > 0 and row["step_s"] > 0 and row["losses_finite"]
+        assert row["train_flops_per_image"] > 0 and row["achieved_tflops"] > 0 and "percent_of_peak" in row
+        assert row["precision"] == "fp32" and row["peak_mem_mib"] is None
+    assert (ours["attention"], reference["attention"]) == ("fused", "explicit")
+    # Same seed, same data: fused and explicit attention are the same function (up to rounding).
+    np.testing.assert_allclose(ours["losses"], reference["losses"], rtol=1e-4)
+
+
+def test_batch1_reference_maps_equal_ours():
+    model = infer_speed.build_map_model("mmcst", "vit_small_patch16_224", CPU, backbone_overrides=TOY)
+    data = infer_speed.make_images(3, size=(40, 48))
+    generator = MapGenerator(model, infer_speed.SCALES, True, True, CPU, amp=False)
+    batched = infer_speed.ours(generator, data, 2, CPU)
+    one_by_one = infer_speed.reference(model, data, infer_speed.SCALES, True, True, CPU)
+    for (_, keys), a, b in zip(data, batched, one_by_one):
+        assert a.shape == b.shape == (len(keys), 40, 48)
+        np.testing.assert_allclose(a, b, atol=1e-4)
+    agreement = infer_speed.map_agreement(batched, one_by_one)
+    assert agreement["max_abs_diff"] < 1e-4 and agreement["correlation"] > 0.9999
+    # The check is sensitive: maps without the refinement differ.
+    unrefined = infer_speed.reference(model, data, infer_speed.SCALES, True, False, CPU)
+    assert infer_speed.map_agreement(batched, unrefined)["max_abs_diff"] > 1e-2
+
+
+def test_eval_measure_flags_extrapolation_and_agrees():
+    report = eval_speed.measure(n=3, num_thresholds=5, naive_images=2, naive_thresholds=2)
+    assert report["subset_confusions_identical"] and report["naive_extrapolated"]
+    subset = report["naive_timed_subset"]
+    assert (subset["images"], subset["thresholds"]) == (2, 2) and report["images"] == 3
+    assert report["single_pass_s"] >= 0 and report["speedup"] > 0
+
+
+def test_run_toy_preset_table_and_json(tmp_path):
+    preset = run.Preset(train=[("mctformer", "vit_small_patch16_224", 32, 2)], train_steps=1, train_warmup=0,
+                        train_repeats=1, map_images=2, map_batch=2, eval_images=2, eval_thresholds=4,
+                        naive_images=1, naive_thresholds=1, map_size=(40, 48), backbone_overrides=TOY)
+    result = run.run("toy", CPU, None, preset)
+    pair = result["training"][0]
+    assert pair["speedup"] > 0 and pair["ours"]["variant"] == "fused" and pair["reference"]["variant"] == "explicit"
+    assert result["maps"]["maps_equal"] and result["maps"]["images"] == 2
+    assert result["evaluation"]["naive_extrapolated"] and result["targets"] == []
+    assert len(result["env"]["loadavg_start"]) == 3 and len(result["env"]["loadavg_end"]) == 3
+    table = run.format_tables(result)
+    for text in ("Training step", "Map generation", "Evaluation", "EXTRAPOLATED", "mctformer"):
+        assert text in table
+    json.dumps(result)  # JSON-ready as it is
+
+
+def test_targets_met_and_missed():
+    row = {"model": "mctformer", "backbone": run.BACKBONES["vit_s16"], "size": 448, "batch": 32}
+    result = {"training": [{**row, "ours": {"images_per_s": 800.0, "peak_mem_mib": 12000.0}}],
+              "maps": {"ours_images_per_s": 31.0}}
+    checked = {t["target"]: t for t in run.check_targets(result)}
+    assert checked["MCTformer-V2 ViT-S/16 448 batch 32 >= 760 img/s"]["met"] is True
+    assert checked["MCTformer-V2 ViT-S/16 448 batch 32 <= 10 GB"]["met"] is False
+    assert checked["maps (3 scales + flip, 500x375, refinement) >= 32 img/s"]["met"] is False
+    assert checked["MMCST ViT-S/16 448 batch 32 >= 600 img/s"]["met"] is None  # not measured
+
+
+def test_gpu_check_stops_clearly_without_cuda(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "gpu.json"
+    assert gpu_check.main(["--out", str(out)]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+    assert "CUDA is not available" in json.loads(out.read_text())["error"]
