@@ -66,7 +66,7 @@ def check_bf16_training(device: Any, steps: int = 5) -> dict[str, Any]:
         row = time_training(model, "vit_small_patch16_224", 224, 8, "fused", device, steps=steps, warmup=1)
         rows[model] = {k: row.get(k) for k in ("precision", "losses", "losses_finite", "images_per_s",
                                                "peak_mem_mib", "error")}
-    return {"rows": rows, "ok": all(r["losses_finite"] for r in rows.values())}
+    return {"rows": rows, "ok": all(r.get("losses_finite") is True for r in rows.values())}
 
 
 def check_bf16_maps(device: Any, images: int = 4) -> dict[str, Any]:

@@ -4,7 +4,7 @@
                                      [--batch 8] [--steps 5] [--device cpu|cuda] [--json]
 
 For every input size, times ``--steps`` full training steps (forward, the method's loss terms, backward,
-AdamW step) after ``--warmup`` untimed ones, on random images and labels, for two variants of the same
+AdamW step) after ``--warmup`` untimed ones (median step time), on random images and labels, for two variants of the same
 model (``--repeats`` runs each, in alternating order, median shown):
 
 * ``fused``: mmcst's default; the ViT blocks run fused scaled-dot-product attention (no attention matrix);
@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import platform
+import statistics
 import time
 from typing import Any, Optional, Sequence
 
@@ -128,6 +129,14 @@ def time_training(model: str, backbone: str, size: int, batch: int, variant: str
         if cuda:
             torch.cuda.synchronize(device)
 
+    def mark() -> Any:
+        """A point in time: a recorded CUDA event (read after the final sync) or the CPU clock."""
+        if not cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
     flops = forward_flops(net, size, size)
     row: dict[str, Any] = {"model": model, "backbone": backbone, "size": size, "batch": batch, "variant": variant,
                            "classes": classes, "attention": "explicit" if explicit else "fused",
@@ -139,13 +148,21 @@ def time_training(model: str, backbone: str, size: int, batch: int, variant: str
         sync()
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
-        start = time.perf_counter()
-        # Losses stay on the device until the end: a .item() per step would add a sync to the timing.
-        timed = [step() for _ in range(steps)]
+        # Each step is timed on its own (CUDA events, no sync between steps) and the median counts: a burst
+        # of load from other processes slows some steps, not the figure. Losses stay on the device until
+        # the end (a .item() per step would add a sync).
+        marks, timed = [mark()], []
+        for _ in range(steps):
+            timed.append(step())
+            marks.append(mark())
         sync()
-        elapsed = time.perf_counter() - start
+        if cuda:
+            step_times = [a.elapsed_time(b) / 1000 for a, b in zip(marks, marks[1:])]
+        else:
+            step_times = [b - a for a, b in zip(marks, marks[1:])]
+        step_s = statistics.median(step_times)
         losses = [float(v) for v in timed]
-        row.update(step_s=elapsed / steps, images_per_s=batch * steps / elapsed, losses=losses,
+        row.update(step_s=step_s, images_per_s=batch / step_s, step_s_each=step_times, losses=losses,
                    losses_finite=all(math.isfinite(v) for v in losses))
         row["peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
         if flops is not None:

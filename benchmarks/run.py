@@ -172,6 +172,8 @@ def format_tables(result: dict[str, Any]) -> str:
               f"  ours      {maps['ours_images_per_s']:9.3f} img/s  (batch {maps['batch']}, {maps['ours_precision']})",
               f"  reference {maps['reference_images_per_s']:9.3f} img/s  (batch 1, one forward per scale and flip, "
               f"{maps['reference_precision']})",
+              f"  peak MiB  ours {_fmt(maps['ours_peak_mem_mib'], '.0f')}, reference "
+              f"{_fmt(maps['reference_peak_mem_mib'], '.0f')}",
               f"  ratio     {maps['speedup']:9.2f} x;  float32 maps equal: {maps['maps_equal']} (max abs diff "
               f"{maps['ours_vs_reference_fp32']['max_abs_diff']:.1e} on {maps['check_images']} image(s))"]
     if "bf16_vs_fp32" in maps:
