@@ -197,6 +197,17 @@ def format_tables(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def cpu_name() -> str:
+    """The CPU model as Linux names it (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def run(preset_name: str, device: torch.device, peak_tflops: Optional[float] = None,
         preset: Optional[Preset] = None) -> dict[str, Any]:
     """Measure every figure of a preset; returns the JSON-ready result (``format_tables`` prints it)."""
@@ -205,7 +216,7 @@ def run(preset_name: str, device: torch.device, peak_tflops: Optional[float] = N
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    env = {"device_name": torch.cuda.get_device_name(device) if cuda else (platform.processor() or platform.machine()),
+    env = {"device_name": torch.cuda.get_device_name(device) if cuda else cpu_name(),
            "cuda": cuda, "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
            "python": platform.python_version(),
            "loadavg_start": [round(v, 2) for v in os.getloadavg()]}
