@@ -131,6 +131,7 @@ def test_demo_quick(tmp_path):
     assert run("demo", "--quick", "--out", str(report), "--no-progress") == 0
     summary = json.loads((report / "report.json").read_text())
     assert summary["random_init"] is True
+    assert summary["verdict"].startswith("MMCST")
     assert summary["references"]["gt"]["best_miou"] == pytest.approx(100.0)
     assert set(summary["methods"]) == {"mmcst", "mctformer_v2", "cam"}
     html = (report / "report.html").read_text()

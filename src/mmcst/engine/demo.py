@@ -136,7 +136,9 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, methods: Optiona
             "total_seconds": time.time() - started, "dataset_root": str(val.root),
             "class_names": list(val.class_names)}
     report = write_demo_report(out, val, results, meta)
-    atomic_write_json(out / "report.json", _json_summary(results, meta))
+    summary = _json_summary(results, meta)
+    atomic_write_json(out / "report.json", summary)
+    log.info(summary["verdict"])
     return report
 
 
@@ -152,6 +154,8 @@ def _config_digest(cfg: Config) -> dict[str, Any]:
 
 
 def _json_summary(results: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    from mmcst.report import demo_verdict
+
     def row(result: dict[str, Any]) -> dict[str, Any]:
         return {"best_threshold": result["best"]["threshold"], "best_miou": result["best"]["miou"],
                 "mctformer_threshold": result["mctformer_protocol"]["threshold"],
@@ -164,4 +168,5 @@ def _json_summary(results: dict[str, Any], meta: dict[str, Any]) -> dict[str, An
                         "config": v["config"], "notes": v["notes"]}
                     for k, v in results["methods"].items()},
         "random_init": True,
+        "verdict": demo_verdict(results),
     }
