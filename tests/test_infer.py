@@ -91,16 +91,27 @@ def test_bucketed_batches_equal_one_by_one(run_dir):
     keys = [np.arange(3) for _ in samples]  # all classes: every map is compared
     images = torch.stack([tiny_normalize(s["image"]) for s in samples])
     generator = MapGenerator(model, [1.0, 0.75, 1.25], flip=True, refine=True, device=torch.device("cpu"))
-    together = generator(images, keys)
+    together = generator(images, keys, normalize=False)
     for b in range(len(samples)):
-        alone = generator(images[b:b + 1], keys[b:b + 1])[0]
-        # Equal up to float rounding of batched convolutions, well below the float16 step of the map files.
-        torch.testing.assert_close(together[b], alone, atol=4e-4, rtol=0)
+        alone = generator(images[b:b + 1], keys[b:b + 1], normalize=False)[0]
+        # Equal up to float rounding of batched kernels. The raw sums are compared: min-max normalisation divides
+        # by each map's range, which for this barely trained model is small enough to magnify float rounding of
+        # the batched interpolation (kernels differ between CPUs) beyond any fixed tolerance.
+        scale = alone.abs().amax(dim=(1, 2), keepdim=True)
+        assert torch.all((together[b] - alone).abs() <= 1e-5 * scale + 1e-7), b
+    normalised = generator(images, keys)
+    for b in range(len(samples)):
+        low = together[b].amin(dim=(1, 2), keepdim=True)
+        high = together[b].amax(dim=(1, 2), keepdim=True)
+        torch.testing.assert_close(normalised[b], (together[b] - low) / (high - low + 1e-8))
 
 
-def test_resume_keeps_valid_maps_and_rewrites_bad_ones(run_dir):
+def test_resume_keeps_valid_maps_and_rewrites_bad_ones(run_dir, tmp_path):
     maps_dir = run_dir / "maps" / "test"
-    infer(run_dir, "test", evaluate=False, progress=False, builders=TEST_BUILDERS)
+    # Without refinement: the barely trained model's refined maps are so flat that min-max normalisation
+    # magnifies the float rounding of a different batch composition beyond the float16 step of the files.
+    options = dict(refine=False, evaluate=False, progress=False, builders=TEST_BUILDERS)
+    infer(run_dir, "test", **options)
     files = sorted(maps_dir.glob("*.npy"))
     before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in files}
     labelled = [p for p in files if len(load_map(p)[0])]
@@ -110,14 +121,38 @@ def test_resume_keeps_valid_maps_and_rewrites_bad_ones(run_dir):
     save_map(wrong_keys, keys[:-1] if len(keys) > 1 else (keys + 1) % 3, cam[:1])
     assert not map_file_is_valid(truncated, keys, *cam.shape[1:])
 
-    log = _new_log_lines(run_dir, lambda: infer(run_dir, "test", evaluate=False, progress=False,
-                                               builders=TEST_BUILDERS))
+    log = _new_log_lines(run_dir, lambda: infer(run_dir, "test", **options))
     assert f"2 written, {len(files) - 2} valid ones kept" in log
     for path in files:
         if path in (truncated, wrong_keys):
-            assert path.read_bytes() == before[path.name][1]  # rewritten, deterministically the same
+            # Rewritten with the same keys and the same maps up to float16 rounding (other batch companions).
+            keys, cam = load_map(path)
+            (tmp_path / path.name).write_bytes(before[path.name][1])
+            old_keys, old_cam = load_map(tmp_path / path.name)
+            np.testing.assert_array_equal(keys, old_keys)
+            np.testing.assert_allclose(cam, old_cam, atol=1e-3, rtol=0)
         else:
             assert path.stat().st_mtime_ns == before[path.name][0]  # not touched
+
+
+def test_rerun_with_other_options_regenerates_all_maps(run_dir):
+    maps_dir = run_dir / "maps" / "test"
+    options = dict(evaluate=False, progress=False, builders=TEST_BUILDERS)
+    infer(run_dir, "test", scales=[1.0], flip=True, refine=False, **options)
+    count = len(list(maps_dir.glob("*.npy")))
+    settings = json.loads((maps_dir / "settings.json").read_text())
+    assert settings["scales"] == [1.0] and settings["flip"] is True and settings["refine"] is False
+    log = _new_log_lines(run_dir, lambda: infer(run_dir, "test", scales=[1.0], flip=True, refine=False, **options))
+    assert f"0 written, {count} valid ones kept" in log
+    # Other test-time options: the old maps must not be reused.
+    log = _new_log_lines(run_dir, lambda: infer(run_dir, "test", scales=[1.0], flip=False, refine=False, **options))
+    assert "removing them to regenerate all" in log and f"{count} written, 0 valid ones kept" in log
+    assert json.loads((maps_dir / "settings.json").read_text())["flip"] is False
+    # A newer checkpoint of the run (here: the same file written again) invalidates them too.
+    checkpoint = run_dir / "checkpoints" / "last.pth"
+    checkpoint.write_bytes(checkpoint.read_bytes())
+    log = _new_log_lines(run_dir, lambda: infer(run_dir, "test", scales=[1.0], flip=False, refine=False, **options))
+    assert f"{count} written, 0 valid ones kept" in log
 
 
 def test_pseudo_label_ties_go_to_background():

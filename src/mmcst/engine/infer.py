@@ -31,7 +31,7 @@ from mmcst.engine.common import (
     shard,
 )
 from mmcst.engine.train import model_from_run
-from mmcst.io import MapFileError, load_map, save_label_png, save_map
+from mmcst.io import MapFileError, atomic_write_json, load_map, save_label_png, save_map
 
 DEFAULT_BG_THRESHOLD = 0.39  # MCTformer's PSA-stage default, "the optimal one obtained for seeds"
 
@@ -162,12 +162,15 @@ class MapGenerator:
         self._warned_no_affinity = False
 
     @torch.inference_mode()
-    def __call__(self, images: torch.Tensor, keys: Sequence[np.ndarray]) -> list[torch.Tensor]:
+    def __call__(self, images: torch.Tensor, keys: Sequence[np.ndarray], normalize: bool = True
+                 ) -> list[torch.Tensor]:
         """Maps of the present classes, each ``K_b x H x W`` float32 in [0, 1].
 
         Args:
             images: B x 3 x H x W normalised images of one size, on the device.
             keys: per image, the present (0-based) class indices.
+            normalize: min-max normalise each map to [0, 1] (the stored form). False returns the raw sums over
+                scales and flips, e.g. to fuse maps of several methods before normalising.
         """
         from mmcst.refine import affinity_refine
 
@@ -197,6 +200,8 @@ class MapGenerator:
                 views = [maps[b, index[b]]] + ([maps[batch + b, index[b]]] if self.flip else [])
                 up = F.interpolate(torch.stack(views), size=(height, width), mode="bilinear", align_corners=False)
                 sums[b] += up[0] + (up[1].flip(-1) if self.flip else 0)
+        if not normalize:
+            return sums
         results = []
         for total in sums:
             low = total.amin(dim=(1, 2), keepdim=True)
@@ -226,6 +231,40 @@ def _sum_over_ranks(counts: dict[str, Any]) -> dict[str, Any]:
         tensor = tensor.cuda()
     dist.all_reduce(tensor)
     return {k: int(v) for k, v in zip(keys, tensor.tolist())}
+
+
+MAP_SETTINGS_FILE = "settings.json"
+
+
+def _map_settings(run_dir: Path, scales: Sequence[float], flip: bool, refine: bool) -> dict[str, Any]:
+    """What the maps of a split depend on: test-time options and the checkpoint they were made with."""
+    stat = (run_dir / "checkpoints" / "last.pth").stat()
+    return {"scales": [float(s) for s in scales], "flip": bool(flip), "refine": bool(refine),
+            "checkpoint": {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}}
+
+
+def _prepare_maps_dir(maps_dir: Path, settings: dict[str, Any]) -> None:
+    """Keep existing map files only when they were made with ``settings``; otherwise remove them.
+
+    Resuming reuses every valid map file, so maps made with other scales, flip or refinement, or with an older
+    checkpoint of the run, must not survive a rerun: they would be silently mixed with new ones.
+    """
+    path = maps_dir / MAP_SETTINGS_FILE
+    previous = None
+    if path.is_file():
+        try:
+            previous = json.loads(path.read_text())
+        except (OSError, ValueError):
+            previous = None
+    existing = sorted(maps_dir.glob("*.npy"))
+    if existing and previous != settings:
+        why = "no readable settings file" if previous is None else f"settings {previous}"
+        log.warning("%s: %d map file(s) made with %s, not the current %s: removing them to regenerate all",
+                    maps_dir, len(existing), why, settings)
+        for old in existing:
+            old.unlink()
+    if previous != settings:
+        atomic_write_json(path, settings)
 
 
 def infer(run_dir: str | Path, split: str, scales: Optional[Sequence[float]] = None, flip: Optional[bool] = None,
@@ -275,6 +314,9 @@ def infer(run_dir: str | Path, split: str, scales: Optional[Sequence[float]] = N
         dataset = _FirstImages(dataset, count)
     maps_dir = run_dir / "maps" / split
     maps_dir.mkdir(parents=True, exist_ok=True)
+    if is_main_process():
+        _prepare_maps_dir(maps_dir, _map_settings(run_dir, scales, flip, refine))
+    barrier()
     log.info("maps for %d image(s) of %r -> %s (scales %s, flip %s, refine %s, batch %d)", count, split,
              maps_dir, scales, flip, refine, cfg.infer.batch_size)
 
