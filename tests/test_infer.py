@@ -238,3 +238,26 @@ def test_registered_dataset_and_model_end_to_end(tmp_path):
     assert (run / "eval" / "val.json").is_file() and len(list((run / "pseudo_labels" / "val").glob("*.png"))) == 4
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["val_map"] is not None
+
+
+def test_channels_last_model_maps_match_contiguous_ones():
+    """A model asking for channels-last (CAM) gets its weights and inputs converted; its maps do not change."""
+    from mmcst.config import ModelConfig
+    from mmcst.models.registry import build_model
+
+    cfg = ModelConfig(name="cam")
+    cfg.backbone.name, cfg.prior.kind, cfg.cam.output_stride = "resnet10t", "none", 8
+    torch.manual_seed(0)
+    model = build_model(cfg, ["a", "b", "c"]).eval()
+    assert model.memory_format == torch.channels_last
+    images = torch.randn(2, 3, 48, 40)
+    keys = [np.array([0, 2]), np.array([1])]
+    plain = MapGenerator(model, [1.0, 0.75], flip=True, refine=False, device=torch.device("cpu"))
+    plain.memory_format = torch.contiguous_format
+    model.to(memory_format=torch.contiguous_format)
+    expected = plain(images, keys, normalize=False)
+    generator = MapGenerator(model, [1.0, 0.75], flip=True, refine=False, device=torch.device("cpu"))
+    conv = model.backbone.conv1[0] if isinstance(model.backbone.conv1, torch.nn.Sequential) else model.backbone.conv1
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    for got, want in zip(generator(images, keys, normalize=False), expected):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

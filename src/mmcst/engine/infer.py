@@ -159,6 +159,8 @@ class MapGenerator:
                  amp: bool = True) -> None:
         self.model, self.scales, self.flip, self.refine, self.device, self.amp = model, list(scales), flip, refine, \
             device, amp
+        self.memory_format = getattr(model, "memory_format", torch.contiguous_format)
+        model.to(memory_format=self.memory_format)
         self._warned_no_affinity = False
 
     @torch.inference_mode()
@@ -183,6 +185,7 @@ class MapGenerator:
                 F.interpolate(images, size=size, mode="bicubic", align_corners=False)
             if self.flip:  # an image and its flip share a size: one forward for both
                 scaled = torch.cat([scaled, scaled.flip(-1)])
+            scaled = scaled.contiguous(memory_format=self.memory_format)
             with autocast(self.device, self.amp):
                 out = self.model.localize(scaled, need_affinity=self.refine)
             maps = out.maps.float()  # (B or 2B) x C x h x w

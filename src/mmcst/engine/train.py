@@ -275,7 +275,9 @@ def classification_map(model: nn.Module, dataset: Any, cfg: Config, builders: Bu
             if not batch["id"]:
                 continue
             with autocast(device, cfg.train.amp):
-                logits = model.classify(batch["image"].to(device, non_blocking=True))
+                images = batch["image"].to(device, non_blocking=True)
+                logits = model.classify(images.contiguous(memory_format=getattr(
+                    model, "memory_format", torch.contiguous_format)))
             scores.append(logits.float().cpu().numpy())
             targets.append(batch["labels"].numpy())
     finally:
@@ -384,7 +386,8 @@ class _Trainer:
                 raise ValueError(f"{self.last_path}: checkpoint classes {checkpoint['class_names']} differ from "
                                  f"the dataset's {self.class_names}")
             load_model_state(self.model, checkpoint["model"], self.last_path)
-        self.model.to(self.device)
+        self.memory_format = getattr(self.model, "memory_format", torch.contiguous_format)
+        self.model.to(self.device, memory_format=self.memory_format)
 
         self.world = world_size()
         self.sampler = ResumableBatchSampler(len(self.dataset), cfg.train.batch_size, cfg.seed, rank(), self.world)
@@ -531,7 +534,8 @@ class _Trainer:
 
     def _train_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         with autocast(self.device, self.cfg.train.amp):
-            outputs = self.forward_model(batch["image"], batch["labels"], extras=batch)
+            images = batch["image"].contiguous(memory_format=self.memory_format)
+            outputs = self.forward_model(images, batch["labels"], extras=batch)
             terms = self.model.loss(outputs, batch)
         total = torch.stack([t.float() for t in terms.values()]).sum()
         # One host sync per step: the price of stopping before a NaN reaches the weights.

@@ -30,6 +30,9 @@ class LocalizationModel(nn.Module):
     """Base class: subclasses implement the four methods below."""
 
     num_classes: int
+    # Layout the engine gives the model's weights and input images: channels-last suits convolution trunks
+    # (oneDNN on CPU, cuDNN on GPU), while ViTs only use one patch-embedding convolution and keep the default.
+    memory_format: torch.memory_format = torch.contiguous_format
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, extras: Optional[dict[str, Any]] = None) -> dict[str, torch.Tensor]:
         raise NotImplementedError
