@@ -250,3 +250,18 @@ def test_cam_loads_resnet_weights_and_reports(tmp_path: Path) -> None:
 def test_cam_rejects_bad_output_stride() -> None:
     with pytest.raises(ValueError, match="output_stride"):
         build(model_config("cam", cam={"output_stride": 4}))
+
+
+@pytest.mark.parametrize("name", ["mmcst", "mctformer"])
+def test_class_token_init_copies_cls_or_draws_distinct_tokens(name: str) -> None:
+    extra = {"mctformer": {"layer_index": 2}} if name == "mctformer" else {}
+    default = build(model_config(name, **extra))
+    cls = default.vit.pretrained_cls.detach().reshape(-1)
+    assert torch.equal(default.class_tokens.detach(), cls.expand_as(default.class_tokens))  # C copies of [CLS]
+    drawn = build(model_config(name, backbone={"token_init_std": 0.3}, **extra))
+    tokens = drawn.class_tokens.detach()
+    assert tokens.shape == default.class_tokens.shape
+    assert abs(float(tokens.std()) - 0.3) < 0.05
+    assert float(torch.cdist(tokens, tokens).add(torch.eye(len(tokens)) * 1e3).min()) > 1.0  # all distinct
+    with pytest.raises(ValueError, match="token_init_std"):
+        build(model_config(name, backbone={"token_init_std": 0.0}, **extra))

@@ -49,6 +49,7 @@ class BackboneConfig:
     drop_path_rate: float = 0.1  # stochastic depth
     pos_embed_init: str = "bicubic"  # bicubic | replicate: how to resize checkpoint patch pos-embeds to the training grid
     img_size: Optional[int] = None  # native patch grid of the ViT = img_size / patch (None = 224; set to data.image_size for replicate)
+    token_init_std: Optional[float] = None  # class tokens: None = copies of the checkpoint [CLS]; a std = distinct N(0, std^2) tokens (random-weight training)
 
 
 @dataclass

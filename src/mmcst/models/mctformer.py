@@ -105,8 +105,19 @@ def patch_layout(vit: TokenViT) -> str:
     return f"{h}x{w}={h * w} patches at {h * vit.patch_size}x{w * vit.patch_size} px"
 
 
-def init_class_tokens(vit: TokenViT, num_classes: int) -> nn.Parameter:
-    """C x D class tokens, each a copy of the checkpoint's [CLS] token (MCTformer's initialisation)."""
+def init_class_tokens(vit: TokenViT, num_classes: int, std: Optional[float] = None) -> nn.Parameter:
+    """C x D class tokens: copies of the checkpoint's [CLS] token (MCTformer's initialisation), or with ``std``
+    distinct N(0, std^2) vectors.
+
+    The copies suit a pretrained backbone. From random weights timm's [CLS] starts at std 1e-6, so the copies are
+    C identical, nearly zero tokens: the token-to-patch correlations start at ~0 for every class and the classes
+    separate only as fast as Adam can grow each token (measured on the demo data: MMCST could not fit one batch of
+    32 images in 60 steps; with std 0.3 its loss halved). ``model.backbone.token_init_std`` selects the random start.
+    """
+    if std is not None:
+        if std <= 0:
+            raise ValueError(f"model.backbone.token_init_std: expected a positive std or null, got {std}")
+        return nn.Parameter(torch.randn(num_classes, vit.embed_dim) * std)
     cls = vit.pretrained_cls.detach().float().reshape(-1)
     return nn.Parameter(cls.unsqueeze(0).repeat(num_classes, 1).clone())
 
@@ -127,7 +138,7 @@ class MCTformer(LocalizationModel):
         self.num_classes = len(self.class_names)
         self.cfg = cfg
         self.vit = build_token_vit(backbone, (("cls", self.num_classes),))
-        self.class_tokens = init_class_tokens(self.vit, self.num_classes)
+        self.class_tokens = init_class_tokens(self.vit, self.num_classes, backbone.token_init_std)
         # MCTformer never applies the final LayerNorm (raw residual stream, Appendix A.1); freezing it keeps
         # the trainable set equal to what receives gradients (DDP without find_unused_parameters).
         self.vit.norm.requires_grad_(False)

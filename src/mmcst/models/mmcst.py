@@ -109,7 +109,7 @@ class MMCST(LocalizationModel):
         groups = [("cls", num_classes)] + ([("txt", num_classes)] if self.use_text else [])
         self.vit = build_token_vit(model_cfg.backbone, groups)
         dim = self.vit.embed_dim
-        self.class_tokens = init_class_tokens(self.vit, num_classes)  # T_cls^in, C x D
+        self.class_tokens = init_class_tokens(self.vit, num_classes, model_cfg.backbone.token_init_std)  # T_cls^in
         token_norm = float(self.class_tokens.detach()[0].norm())
         if token_norm < 1e-3:  # untrained [CLS]: match a trunc-normal(0.02) token instead of ~0
             token_norm = _RANDOM_TOKEN_STD * math.sqrt(dim)
