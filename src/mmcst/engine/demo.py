@@ -83,7 +83,7 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, methods: Optiona
     from mmcst.engine.infer import infer
     from mmcst.engine.train import train
     from mmcst.reference import REFERENCES, write_reference_maps
-    from mmcst.report import write_demo_report
+    from mmcst.report import chance_map, write_demo_report
 
     out = Path(out)
     budget = QUICK if quick else FULL
@@ -134,7 +134,7 @@ def run_demo(out: str | Path = "demo_out", quick: bool = False, methods: Optiona
 
     meta = {"quick": quick, "budget": budget.__dict__, "seed": seed, "data_seconds": data_seconds,
             "total_seconds": time.time() - started, "dataset_root": str(val.root),
-            "class_names": list(val.class_names)}
+            "class_names": list(val.class_names), "chance_val_map": chance_map(val.label_matrix())}
     report = write_demo_report(out, val, results, meta)
     summary = _json_summary(results, meta)
     atomic_write_json(out / "report.json", summary)
@@ -168,5 +168,5 @@ def _json_summary(results: dict[str, Any], meta: dict[str, Any]) -> dict[str, An
                         "config": v["config"], "notes": v["notes"]}
                     for k, v in results["methods"].items()},
         "random_init": True,
-        "verdict": demo_verdict(results),
+        "verdict": demo_verdict(results, meta.get("chance_val_map")),
     }
