@@ -278,6 +278,11 @@ def select_device(choice: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", index)
 
 
+def memory_format_of(model: Any) -> torch.memory_format:
+    """The layout a model asks for its weights and inputs (``LocalizationModel.memory_format``)."""
+    return getattr(model, "memory_format", torch.contiguous_format)
+
+
 def autocast(device: torch.device, amp: bool) -> torch.autocast:
     """bf16 autocast on CUDA when ``amp`` (bf16 has fp32's range: no loss scaler); fp32 on CPU."""
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda")

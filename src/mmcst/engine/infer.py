@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from mmcst.data.base import DatasetError
 from mmcst.engine.common import (
-    Builders, autocast, barrier, dataset_from_config, init_distributed, is_main_process, log, setup_logging,
-    shard,
+    Builders, autocast, barrier, dataset_from_config, init_distributed, is_main_process, log, memory_format_of,
+    setup_logging, shard,
 )
 from mmcst.engine.train import model_from_run
 from mmcst.io import MapFileError, atomic_write_json, load_map, save_label_png, save_map
@@ -159,7 +159,7 @@ class MapGenerator:
                  amp: bool = True) -> None:
         self.model, self.scales, self.flip, self.refine, self.device, self.amp = model, list(scales), flip, refine, \
             device, amp
-        self.memory_format = getattr(model, "memory_format", torch.contiguous_format)
+        self.memory_format = memory_format_of(model)
         model.to(memory_format=self.memory_format)
         self._warned_no_affinity = False
 

@@ -26,8 +26,8 @@ from mmcst.config import Config, ConfigError, TrainConfig, from_dict, to_yaml
 from mmcst.data.base import DatasetError
 from mmcst.engine.common import (
     Builders, MetricsWriter, all_reduce_flags, autocast, barrier, dataset_from_config, file_log, init_distributed,
-    is_main_process, log, make_run_dirs, rank, rng_state, run_directory, sample_seed, seed_everything, seed_worker,
-    set_rng_state, setup_logging, shard, world_size, write_config, write_env,
+    is_main_process, log, make_run_dirs, memory_format_of, rank, rng_state, run_directory, sample_seed,
+    seed_everything, seed_worker, set_rng_state, setup_logging, shard, world_size, write_config, write_env,
 )
 from mmcst.io import atomic_save_torch, atomic_write_json
 
@@ -276,8 +276,7 @@ def classification_map(model: nn.Module, dataset: Any, cfg: Config, builders: Bu
                 continue
             with autocast(device, cfg.train.amp):
                 images = batch["image"].to(device, non_blocking=True)
-                logits = model.classify(images.contiguous(memory_format=getattr(
-                    model, "memory_format", torch.contiguous_format)))
+                logits = model.classify(images.contiguous(memory_format=memory_format_of(model)))
             scores.append(logits.float().cpu().numpy())
             targets.append(batch["labels"].numpy())
     finally:
@@ -386,7 +385,7 @@ class _Trainer:
                 raise ValueError(f"{self.last_path}: checkpoint classes {checkpoint['class_names']} differ from "
                                  f"the dataset's {self.class_names}")
             load_model_state(self.model, checkpoint["model"], self.last_path)
-        self.memory_format = getattr(self.model, "memory_format", torch.contiguous_format)
+        self.memory_format = memory_format_of(self.model)
         self.model.to(self.device, memory_format=self.memory_format)
 
         self.world = world_size()
