@@ -1,8 +1,11 @@
 """Prepared check of the CUDA paths, with the full benchmark table; one command on a GPU machine.
 
-    python benchmarks/gpu_check.py --out gpu.json [--preset gpu|cpu] [--peak-tflops 989]
+    python benchmarks/gpu_check.py --out gpu.json [--wheels DIR] [--preset gpu|cpu] [--peak-tflops 989]
 
-1. installs the project (editable, no dependencies) when ``mmcst`` is not importable;
+1. with ``--wheels DIR``, installs the wheels of DIR that the machine lacks (``benchmarks/wheels.py``: no
+   index needed, nothing in the environment changed); puts the project's ``src`` on ``sys.path`` when
+   ``mmcst`` is not installed; checks every runtime requirement and imports the project (stops with exit
+   status 2 and the list of unmet requirements otherwise);
 2. prints the device; stops with exit status 2 and a message when CUDA is not available;
 3. checks that the fused SDPA attention runs with the flash kernel under bf16 autocast;
 4. checks that a few bf16 training steps of MMCST and MCTformer-V2 (ViT-S/16, 224, batch 8) give finite
@@ -17,8 +20,10 @@ The exit status is 1 when a check fails, 0 otherwise.
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
-import subprocess
+import json
+import os
 import sys
 import time
 import traceback
@@ -32,15 +37,27 @@ if str(REPO) not in sys.path:  # run as a script: make ``benchmarks`` importable
 MIN_MAP_CORRELATION = 0.99  # bf16 maps must track the float32 ones closely
 
 
-def ensure_installed() -> Optional[str]:
-    """Install the project (editable, no dependencies: they come with the environment) when missing."""
-    if importlib.util.find_spec("mmcst") is not None:
-        return None
-    command = [sys.executable, "-m", "pip", "install", "--no-deps", "-e", str(REPO)]
-    print("installing the project:", " ".join(command), flush=True)
-    subprocess.run(command, check=True)
-    importlib.invalidate_caches()
-    return " ".join(command)
+def prepare_environment(wheel_folder: Optional[Path]) -> dict[str, Any]:
+    """Install missing wheels (when a folder is given), make the project importable, check the requirements
+    and import the project. Raises ``wheels.WheelError`` (or ImportError) with the reason."""
+    from benchmarks import wheels
+
+    result: dict[str, Any] = {}
+    if wheel_folder is not None:
+        result["wheels"] = wheels.install(wheel_folder)
+    if importlib.util.find_spec("mmcst") is None:  # not installed: use the checkout itself
+        wheels.activate(REPO / "src")
+        result["project"] = f"{REPO / 'src'} on sys.path"
+    problems = wheels.unmet(wheels.project_requirements())
+    if problems:
+        raise wheels.WheelError("unmet requirements:\n  " + "\n  ".join(problems) + "\nbring them as wheels: "
+                                "python -m benchmarks.wheels fetch DIR --python-version X.Y on a machine that "
+                                "reaches PyPI, then --wheels DIR here")
+    for module in ("mmcst", "mmcst.models", "mmcst.engine", "mmcst.data.coco", "open_clip", "omegaconf"):
+        importlib.import_module(module)
+    result["versions"] = {name: str(wheels.installed_version(name)) for name in
+                          ("torch", "torchvision", "timm", "open_clip_torch", "omegaconf", "pycocotools", "numpy")}
+    return result
 
 
 def check_sdpa_flash(device: Any) -> dict[str, Any]:
@@ -94,10 +111,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="JSON file for all checks and figures")
     parser.add_argument("--preset", default="gpu", choices=["gpu", "cpu"], help="benchmark preset (cpu: a quick one)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for %%peak (default: H100 bf16)")
+    parser.add_argument("--wheels", type=Path, default=None,
+                        help="folder of wheels for what the machine lacks (python -m benchmarks.wheels fetch)")
     args = parser.parse_args(argv)
 
     report: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "checks": {}}
-    report["installed_with"] = ensure_installed()
+    try:
+        report["environment"] = prepare_environment(args.wheels)
+    except Exception as exc:  # missing packages: say which, before anything else runs
+        report["error"] = f"{type(exc).__name__}: {exc}"
+        args.out.parent.mkdir(parents=True, exist_ok=True)  # mmcst.io may not import: atomic write by hand
+        partial = args.out.with_name(args.out.name + ".partial")
+        partial.write_text(json.dumps(report, indent=2))
+        os.replace(partial, args.out)
+        print(f"gpu_check: {report['error']}", file=sys.stderr)
+        return 2
+    print("environment:", json.dumps(report["environment"]), flush=True)
 
     import torch
 
