@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.memory import PeakMemory
 from benchmarks.model_speed import model_config
 from mmcst.engine.infer import MapGenerator
 from mmcst.models.registry import build_model
@@ -133,22 +134,21 @@ def measure_maps(model_name: str = "mmcst", backbone: str = "vit_small_patch16_2
     warm = make_images(1, seed + 1, (max(1, size[0] // 2), max(1, size[1] // 2)))
     ours(fast, warm, batch, device)
     reference(model, warm, scales, flip, refine, device)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
 
-    _sync(device)
+    # Peak memory of each pass: on CUDA all allocated memory (weights included); on CPU what the pass adds
+    # to the resident memory before it (its activations, buffers and output maps).
+    memory = PeakMemory(device).begin()
     start = time.perf_counter()
     ours_maps = ours(fast, data, batch, device)
     _sync(device)
     ours_s = time.perf_counter() - start
-    peak_ours = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
+    peak_ours = memory.read()
+    memory.restart(rebase=True)
     start = time.perf_counter()
     reference_maps = reference(model, data, scales, flip, refine, device)
     _sync(device)
     reference_s = time.perf_counter() - start
-    peak_reference = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
+    peak_reference = memory.read()
 
     # The reference is float32; so is ours on CPU (its timed maps are compared), on CUDA ours is re-run in
     # float32 on the first ``check_images`` images for the equality check and compared with its bf16 maps.

@@ -3,6 +3,7 @@ reference implementations compute the same thing as ours."""
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import eval_speed, gpu_check, infer_speed, run
+from benchmarks.memory import PeakMemory
 from benchmarks.model_speed import compare_training, forward_flops, model_config, set_explicit_attention
 from mmcst.engine.infer import MapGenerator
 from mmcst.models.registry import build_model
@@ -36,10 +38,28 @@ def test_training_pair_runs_and_variants_compute_the_same_loss():
     for row in (ours, reference):
         assert row["images_per_s"] > 0 and row["step_s"] > 0 and row["losses_finite"]
         assert row["train_flops_per_image"] > 0 and row["achieved_tflops"] > 0 and "percent_of_peak" in row
-        assert row["precision"] == "fp32" and row["peak_mem_mib"] is None
+        assert row["precision"] == "fp32" and row["peak_mem_mib"] >= 0  # CPU: peak resident memory
     assert (ours["attention"], reference["attention"]) == ("fused", "explicit")
     # Same seed, same data: fused and explicit attention are the same function (up to rounding).
     np.testing.assert_allclose(ours["losses"], reference["losses"], rtol=1e-4)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="CPU peak memory reads /proc (Linux)")
+def test_cpu_peak_memory_sees_an_allocation_and_only_the_window():
+    memory = PeakMemory(CPU).begin()
+    block = torch.ones(200 * 2**18)  # 200 MiB
+    assert 195 <= memory.read() <= 260
+    del block
+    memory.restart(rebase=True)
+    assert memory.read() < 20  # freed before the window: not counted
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="CPU peak memory reads /proc (Linux)")
+def test_cpu_peak_memory_shows_what_explicit_attention_costs():
+    """1,024 tokens: the explicit attention matrices (kept for the backward pass) dominate the step's memory."""
+    ours, reference = compare_training("mmcst", "vit_small_patch16_224", 256, 2, CPU, steps=1, warmup=1, classes=3,
+                                       backbone_overrides=TOY)
+    assert reference["peak_mem_mib"] > ours["peak_mem_mib"] + 50
 
 
 def test_batch1_reference_maps_equal_ours():
