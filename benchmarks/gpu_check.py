@@ -12,7 +12,8 @@
    losses, and records their peak memory;
 5. compares bf16 with float32 maps (3 scales + flip, refinement, 500 x 375): correlation and max abs
    difference of the normalised maps;
-6. runs ``python -m benchmarks.run --preset gpu`` (in process) and adds its figures.
+6. runs ``python -m benchmarks.run --preset gpu`` (in process) and adds its figures;
+7. profiles each target missed (``benchmarks.step_profile``): where the step's or the maps' time goes.
 
 Everything goes to ``--out`` as JSON, rewritten after each step (a run cut short keeps what it measured).
 The exit status is 1 when a check fails, 0 otherwise.
@@ -106,6 +107,35 @@ def check_bf16_maps(device: Any, images: int = 4) -> dict[str, Any]:
             "min_correlation": MIN_MAP_CORRELATION, "ok": agreement["correlation"] >= MIN_MAP_CORRELATION}
 
 
+def profile_missed_targets(benchmark: dict[str, Any], device: Any) -> dict[str, Any]:
+    """Where the time goes (``benchmarks.step_profile``) for each target the benchmark missed or could not
+    measure: the training case of the target, or map generation."""
+    from benchmarks import run as bench
+    from benchmarks import step_profile
+
+    targets = {t.name: t for t in bench.TARGETS}
+    profiles, seen = {}, set()
+    for checked in benchmark["targets"]:
+        if checked["met"] is True:
+            continue
+        target = targets[checked["target"]]
+        key = tuple(sorted(target.match.items())) if target.section == "training" else ("maps",)
+        if key in seen:  # two targets of one case (speed and memory): one profile
+            continue
+        seen.add(key)
+        try:
+            if target.section == "training":
+                m = target.match
+                result = step_profile.profile_training(m["model"], m["backbone"], m["size"], m["batch"], device)
+            else:
+                result = step_profile.profile_maps(device, images=16, batch=8)
+            print(step_profile.format_profile(result), flush=True)
+        except Exception as exc:  # one profile failing must not lose the others
+            result = {"error": f"{type(exc).__name__}: {exc}"}
+        profiles[checked["target"]] = result
+    return {"profiles": profiles, "profiled": len(profiles)}
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="JSON file for all checks and figures")
@@ -180,6 +210,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 "targets_missed": [t["target"] for t in result["targets"] if t["met"] is False]}
 
     step("benchmark", benchmark)
+    if report.get("benchmark"):
+        step("profiles_of_missed_targets", lambda: profile_missed_targets(report["benchmark"], device))
     report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     atomic_write_json(args.out, report)
     print(f"wrote {args.out}; checks {'FAILED' if failed else 'passed'}", flush=True)

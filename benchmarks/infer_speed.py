@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.device import add_device_argument, device_from_args
 from benchmarks.memory import PeakMemory
 from benchmarks.model_speed import model_config
 from mmcst.engine.infer import MapGenerator
@@ -178,15 +179,14 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--batch", type=int, default=8, help="images per generator call (ours)")
     parser.add_argument("--check-images", type=int, default=2, help="on CUDA: images whose float32 maps are compared")
     parser.add_argument("--atol", type=float, default=1e-3)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    add_device_argument(parser)
     parser.add_argument("--json", action="store_true", help="print the result as JSON after the summary")
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device available")
-    result = measure_maps(args.model, args.backbone, args.images, args.batch, torch.device(args.device),
+    device = device_from_args(parser, args)
+    result = measure_maps(args.model, args.backbone, args.images, args.batch, device,
                           check_images=args.check_images, atol=args.atol)
     print(f"# maps of {args.images} {WIDTH}x{HEIGHT} images, {args.model} {args.backbone}, scales {list(SCALES)} "
-          f"+ flip, affinity refinement, {args.device}")
+          f"+ flip, affinity refinement, {device.type}")
     print(f"ours      : {result['ours_images_per_s']:8.2f} img/s (batch {args.batch}, {result['ours_precision']})")
     print(f"reference : {result['reference_images_per_s']:8.2f} img/s (batch 1, one forward per scale and flip, fp32)")
     print(f"speed-up  : {result['speedup']:8.2f} x; float32 maps equal: {result['maps_equal']} "

@@ -27,10 +27,11 @@ import math
 import platform
 import statistics
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from benchmarks.device import add_device_argument, device_from_args
 from benchmarks.memory import PeakMemory
 from mmcst.config import ModelConfig
 from mmcst.models.registry import build_model
@@ -90,6 +91,44 @@ def forward_flops(model: Any, height: int, width: int) -> Optional[float]:
     return 2.0 * macs
 
 
+def build_training_step(model: str, backbone: str, size: int, batch: int, variant: str, device: torch.device, *,
+                        classes: int = 20, backbone_overrides: Optional[dict[str, Any]] = None,
+                        clip_model: str = "ViT-B-16-quickgelu", clip_weights: Optional[str] = None
+                        ) -> tuple[Any, torch.optim.Optimizer, Callable[[], torch.Tensor]]:
+    """The model, its optimizer and one training step (returns the detached loss) of a variant (see
+    :func:`time_training`), on random images and labels that stay the same for every step."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
+    torch.manual_seed(0)
+    cfg = model_config(model, backbone, size, backbone_overrides, clip_model, clip_weights)
+    net = build_model(cfg, [f"class{i}" for i in range(classes)]).to(device)
+    explicit = variant == "explicit"
+    if set_explicit_attention(net, explicit) == 0 and explicit:
+        raise ValueError(f"variant explicit: {model} has no timm attention block to switch")
+    net.train()
+    params = [p for p in net.parameters() if p.requires_grad]
+    cuda = device.type == "cuda"
+    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.05, fused=cuda and not explicit)
+    amp_dtype = torch.float16 if explicit else torch.bfloat16
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda and explicit)
+    images = torch.randn(batch, 3, size, size, device=device)
+    labels = (torch.rand(batch, classes, device=device) < 0.15).float()
+    labels[:, 0] = 1.0  # at least one class per image (label-masked pooling)
+    batch_dict = {"labels": labels, "id": [str(i) for i in range(batch)]}
+
+    def step() -> torch.Tensor:
+        with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=cuda):
+            outputs = net(images, labels)
+            loss = sum(net.loss(outputs, batch_dict).values())
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return loss.detach()
+
+    return net, optimizer, step
+
+
 def time_training(model: str, backbone: str, size: int, batch: int, variant: str, device: torch.device, *,
                   steps: int = 5, warmup: int = 1, classes: int = 20,
                   backbone_overrides: Optional[dict[str, Any]] = None, clip_model: str = "ViT-B-16-quickgelu",
@@ -110,33 +149,12 @@ def time_training(model: str, backbone: str, size: int, batch: int, variant: str
         time_training("mmcst", "vit_small_patch16_224", 32, 1, "fused", device, steps=1, warmup=0,
                       backbone_overrides=TINY_VIT)
     memory = PeakMemory(device).begin()
-    torch.manual_seed(0)
-    cfg = model_config(model, backbone, size, backbone_overrides, clip_model, clip_weights)
-    net = build_model(cfg, [f"class{i}" for i in range(classes)]).to(device)
-    explicit = variant == "explicit"
-    if set_explicit_attention(net, explicit) == 0 and explicit:
-        raise ValueError(f"variant explicit: {model} has no timm attention block to switch")
-    net.train()
-    params = [p for p in net.parameters() if p.requires_grad]
+    net, optimizer, step = build_training_step(model, backbone, size, batch, variant, device, classes=classes,
+                                               backbone_overrides=backbone_overrides, clip_model=clip_model,
+                                               clip_weights=clip_weights)
     cuda = device.type == "cuda"
-    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.05, fused=cuda and not explicit)
-    amp_dtype = torch.float16 if explicit else torch.bfloat16
-    scaler = torch.amp.GradScaler("cuda", enabled=cuda and explicit)
-    images = torch.randn(batch, 3, size, size, device=device)
-    labels = (torch.rand(batch, classes, device=device) < 0.15).float()
-    labels[:, 0] = 1.0  # at least one class per image (label-masked pooling)
-    batch_dict = {"labels": labels, "id": [str(i) for i in range(batch)]}
+    explicit = variant == "explicit"
     losses: list[float] = []
-
-    def step() -> torch.Tensor:
-        with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=cuda):
-            outputs = net(images, labels)
-            loss = sum(net.loss(outputs, batch_dict).values())
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        return loss.detach()
 
     def sync() -> None:
         if cuda:
@@ -242,14 +260,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--clip-model", default="ViT-B-16-quickgelu")
     parser.add_argument("--clip-weights", default=None, help="local CLIP file: adds the frozen CLIP image encoder")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    add_device_argument(parser)
     parser.add_argument("--json", action="store_true", help="print the results as JSON after the table")
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device available")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
+    device = device_from_args(parser, args)
     variants = ["fused"] if args.model == "cam" else args.variants
     rows = []
     for size in args.size:

@@ -29,6 +29,7 @@ from typing import Any, Optional
 import torch
 
 from benchmarks import eval_speed, infer_speed
+from benchmarks.device import add_device_argument, device_from_args
 from benchmarks.model_speed import compare_training
 from mmcst.io import atomic_write_json
 
@@ -240,17 +241,14 @@ def run(preset_name: str, device: torch.device, peak_tflops: Optional[float] = N
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    add_device_argument(parser)
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: gpu on cuda, else cpu")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="write all figures to this JSON file")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help=f"dense peak of the device for %%peak (default on CUDA: {H100_BF16_DENSE_TFLOPS:g}, "
                              "H100 SXM bf16)")
     args = parser.parse_args(argv)
-    device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device_name == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device available")
-    device = torch.device(device_name)
+    device = device_from_args(parser, args)
     preset = args.preset or ("gpu" if device.type == "cuda" else "cpu")
     peak = args.peak_tflops if args.peak_tflops is not None else (
         H100_BF16_DENSE_TFLOPS if device.type == "cuda" else None)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks import eval_speed, gpu_check, infer_speed, run
+from benchmarks import eval_speed, gpu_check, infer_speed, run, step_profile
 from benchmarks.memory import PeakMemory
 from benchmarks.model_speed import compare_training, forward_flops, model_config, set_explicit_attention
 from mmcst.engine.infer import MapGenerator
@@ -119,3 +119,52 @@ def test_gpu_check_stops_clearly_without_cuda(tmp_path, monkeypatch, capsys):
     assert gpu_check.main(["--out", str(out)]) == 2
     assert "CUDA is not available" in capsys.readouterr().err
     assert "CUDA is not available" in json.loads(out.read_text())["error"]
+
+
+def test_profile_categories_by_operator_name():
+    assert step_profile.category("aten::mm") == "matrix products"
+    assert step_profile.category("aten::addmm") == "matrix products"
+    assert step_profile.category("aten::_scaled_dot_product_flash_attention_for_cpu_backward") == "attention"
+    assert step_profile.category("aten::_softmax") == "attention"
+    assert step_profile.category("aten::native_layer_norm_backward") == "normalisation"
+    assert step_profile.category("aten::gelu_backward") == "element-wise"
+    assert step_profile.category("aten::to") == "copies and casts"
+    assert step_profile.category("aten::topk") == "reductions"
+    assert step_profile.category("aten::mkldnn_convolution") == "convolution"
+    assert step_profile.category("aten::empty") == "other"
+
+
+@pytest.mark.parametrize("variant", ["fused", "explicit"])
+def test_training_profile_attributes_the_step(variant):
+    result = step_profile.profile_training("mmcst", "vit_small_patch16_224", 64, 2, CPU, variant, steps=2, warmup=1,
+                                           top=1000, classes=3, backbone_overrides=TOY)
+    assert result["wall_ms_per_step"] > 0 and 0 < result["busy_ms_per_step"] <= 1.5 * result["wall_ms_per_step"]
+    groups = result["categories"]
+    assert sum(g["percent"] for g in groups.values()) == pytest.approx(100, abs=0.5)
+    assert {"matrix products", "attention", "optimizer"} <= set(groups)
+    names = {t["op"] for t in result["top"]}
+    assert any("scaled_dot_product" in name for name in names) == (variant == "fused")
+    assert any("softmax" in name for name in names) == (variant == "explicit")  # softmax(QK^T)V, no fused kernel
+    assert "ms per step (wall)" in step_profile.format_profile(result)
+
+
+def test_maps_profile_runs_the_map_generator():
+    result = step_profile.profile_maps(CPU, images=2, batch=2, steps=1, warmup=0, backbone_overrides=TOY,
+                                       size=(40, 48))
+    assert result["images_per_s"] > 0 and "matrix products" in result["categories"]
+
+
+def test_gpu_check_profiles_each_missed_case_once(monkeypatch):
+    calls = []
+    monkeypatch.setattr(step_profile, "profile_training", lambda *a, **k: calls.append(("training", a[:4])) or
+                        {"work": "w", "device": "d", "wall_ms_per_step": 1, "busy_ms_per_step": 1, "time_of": "t",
+                         "busy_fraction": 1, "categories": {}, "top": []})
+    monkeypatch.setattr(step_profile, "profile_maps", lambda *a, **k: calls.append(("maps",)) or
+                        (_ for _ in ()).throw(RuntimeError("boom")))
+    targets = [{"target": t.name, "met": met} for t, met in zip(run.TARGETS, [False, False, True, None, False])]
+    result = gpu_check.profile_missed_targets({"targets": targets}, CPU)
+    # MCTformer-V2 448 speed + memory: one case, one profile; MMCST ViT-S met: none; ViT-B unmeasured and maps
+    assert calls == [("training", ("mctformer", run.BACKBONES["vit_s16"], 448, 32)),
+                     ("training", ("mmcst", run.BACKBONES["vit_b16"], 448, 32)), ("maps",)]
+    assert result["profiled"] == 3
+    assert "boom" in result["profiles"]["maps (3 scales + flip, 500x375, refinement) >= 32 img/s"]["error"]
