@@ -93,10 +93,12 @@ def forward_flops(model: Any, height: int, width: int) -> Optional[float]:
 
 def build_training_step(model: str, backbone: str, size: int, batch: int, variant: str, device: torch.device, *,
                         classes: int = 20, backbone_overrides: Optional[dict[str, Any]] = None,
-                        clip_model: str = "ViT-B-16-quickgelu", clip_weights: Optional[str] = None
-                        ) -> tuple[Any, torch.optim.Optimizer, Callable[[], torch.Tensor]]:
+                        clip_model: str = "ViT-B-16-quickgelu", clip_weights: Optional[str] = None,
+                        amp: Optional[bool] = None) -> tuple[Any, torch.optim.Optimizer, Callable[[], torch.Tensor]]:
     """The model, its optimizer and one training step (returns the detached loss) of a variant (see
-    :func:`time_training`), on random images and labels that stay the same for every step."""
+    :func:`time_training`), on random images and labels that stay the same for every step. ``amp``
+    (default: on CUDA only) runs the step under autocast: bf16 for ``fused``; fp16 with a GradScaler for
+    ``explicit`` on CUDA, bf16 on CPU (CPU autocast has no fp16 loss scaling)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
     torch.manual_seed(0)
@@ -109,15 +111,16 @@ def build_training_step(model: str, backbone: str, size: int, batch: int, varian
     params = [p for p in net.parameters() if p.requires_grad]
     cuda = device.type == "cuda"
     optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.05, fused=cuda and not explicit)
-    amp_dtype = torch.float16 if explicit else torch.bfloat16
-    scaler = torch.amp.GradScaler("cuda", enabled=cuda and explicit)
+    amp = cuda if amp is None else amp
+    amp_dtype = torch.float16 if explicit and cuda else torch.bfloat16
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda and amp and explicit)
     images = torch.randn(batch, 3, size, size, device=device)
     labels = (torch.rand(batch, classes, device=device) < 0.15).float()
     labels[:, 0] = 1.0  # at least one class per image (label-masked pooling)
     batch_dict = {"labels": labels, "id": [str(i) for i in range(batch)]}
 
     def step() -> torch.Tensor:
-        with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=cuda):
+        with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp):
             outputs = net(images, labels)
             loss = sum(net.loss(outputs, batch_dict).values())
         optimizer.zero_grad(set_to_none=True)
@@ -129,10 +132,19 @@ def build_training_step(model: str, backbone: str, size: int, batch: int, varian
     return net, optimizer, step
 
 
+def precision(variant: str, device: torch.device, amp: Optional[bool] = None) -> str:
+    """What :func:`build_training_step` runs in, as the tables print it."""
+    cuda = device.type == "cuda"
+    if not (cuda if amp is None else amp):
+        return "fp32"
+    return "fp16+GradScaler" if variant == "explicit" and cuda else "bf16"
+
+
 def time_training(model: str, backbone: str, size: int, batch: int, variant: str, device: torch.device, *,
                   steps: int = 5, warmup: int = 1, classes: int = 20,
                   backbone_overrides: Optional[dict[str, Any]] = None, clip_model: str = "ViT-B-16-quickgelu",
-                  clip_weights: Optional[str] = None, peak_tflops: Optional[float] = None) -> dict[str, Any]:
+                  clip_weights: Optional[str] = None, peak_tflops: Optional[float] = None,
+                  amp: Optional[bool] = None) -> dict[str, Any]:
     """Time ``steps`` training steps (after ``warmup``) of one variant; one result row.
 
     ``fused`` is mmcst's training step: fused SDPA attention, bf16 autocast on CUDA (no loss scaler),
@@ -151,7 +163,7 @@ def time_training(model: str, backbone: str, size: int, batch: int, variant: str
     memory = PeakMemory(device).begin()
     net, optimizer, step = build_training_step(model, backbone, size, batch, variant, device, classes=classes,
                                                backbone_overrides=backbone_overrides, clip_model=clip_model,
-                                               clip_weights=clip_weights)
+                                               clip_weights=clip_weights, amp=amp)
     cuda = device.type == "cuda"
     explicit = variant == "explicit"
     losses: list[float] = []
@@ -171,7 +183,7 @@ def time_training(model: str, backbone: str, size: int, batch: int, variant: str
     flops = forward_flops(net, size, size)
     row: dict[str, Any] = {"model": model, "backbone": backbone, "size": size, "batch": batch, "variant": variant,
                            "classes": classes, "attention": "explicit" if explicit else "fused",
-                           "precision": ("fp16+GradScaler" if explicit else "bf16") if cuda else "fp32",
+                           "precision": precision(variant, device, amp),
                            "train_flops_per_image": None if flops is None else 3 * flops}
     try:
         for _ in range(warmup):
@@ -261,6 +273,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--clip-model", default="ViT-B-16-quickgelu")
     parser.add_argument("--clip-weights", default=None, help="local CLIP file: adds the frozen CLIP image encoder")
     add_device_argument(parser)
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                        help="autocast (default: on CUDA only); --amp on CPU runs bf16 autocast, to see its memory")
     parser.add_argument("--json", action="store_true", help="print the results as JSON after the table")
     args = parser.parse_args(argv)
     device = device_from_args(parser, args)
@@ -269,10 +283,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     for size in args.size:
         rows += compare_training(args.model, args.backbone, size, args.batch, device, variants=variants,
                                  repeats=args.repeats, steps=args.steps, warmup=args.warmup, classes=args.classes,
-                                 clip_model=args.clip_model, clip_weights=args.clip_weights)
+                                 clip_model=args.clip_model, clip_weights=args.clip_weights, amp=args.amp)
     env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
            "torch": torch.__version__, "threads": torch.get_num_threads(),
-           "autocast": "bf16 fused / fp16+GradScaler explicit" if device.type == "cuda" else "off"}
+           "autocast": " / ".join(f"{v} {precision(v, device, args.amp)}" for v in variants)}
     print(f"# {args.model} training step, {env['device']}, torch {env['torch']}, {env['threads']} threads, "
           f"autocast {env['autocast']}, median of {args.repeats} run(s) of {args.steps} timed steps after "
           f"{args.warmup} warm-up")

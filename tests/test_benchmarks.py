@@ -12,7 +12,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import eval_speed, gpu_check, infer_speed, run, step_profile
 from benchmarks.memory import PeakMemory
-from benchmarks.model_speed import compare_training, forward_flops, model_config, set_explicit_attention
+from benchmarks.model_speed import (build_training_step, compare_training, forward_flops, model_config, precision,
+                                    set_explicit_attention)
 from mmcst.engine.infer import MapGenerator
 from mmcst.models.registry import build_model
 
@@ -60,6 +61,21 @@ def test_cpu_peak_memory_shows_what_explicit_attention_costs():
     ours, reference = compare_training("mmcst", "vit_small_patch16_224", 256, 2, CPU, steps=1, warmup=1, classes=3,
                                        backbone_overrides=TOY)
     assert reference["peak_mem_mib"] > ours["peak_mem_mib"] + 50
+
+
+def test_cpu_autocast_option_runs_bf16_and_says_so():
+    ours, reference = compare_training("mmcst", "vit_small_patch16_224", 32, 2, CPU, steps=1, warmup=1, classes=3,
+                                       backbone_overrides=TOY, amp=True)
+    assert ours["precision"] == reference["precision"] == "bf16"  # CPU autocast: no fp16 loss scaling
+    assert ours["losses_finite"] and reference["losses_finite"]
+    losses = {}
+    for amp in (False, True):
+        _, _, step = build_training_step("mmcst", "vit_small_patch16_224", 32, 2, "fused", CPU, classes=3,
+                                         backbone_overrides=TOY, amp=amp)
+        losses[amp] = float(step())
+    # the same step in bf16: close to float32, but not equal (the autocast really ran)
+    assert losses[True] != losses[False] and losses[True] == pytest.approx(losses[False], rel=0.05)
+    assert precision("fused", CPU) == "fp32" and precision("explicit", torch.device("cuda")) == "fp16+GradScaler"
 
 
 def test_batch1_reference_maps_equal_ours():
