@@ -87,12 +87,12 @@ def profile_work(work: Callable[[], Any], device: torch.device, steps: int = 3, 
     for event in prof.events():
         if event.device_type != DeviceType.CPU or own_us(event) <= 0:
             continue
-        parent, label = event.cpu_parent, category(event.name)
-        while parent is not None:
-            if parent.name.startswith("Optimizer."):
+        node, label = event, category(event.name)
+        while node is not None:
+            if node.name.startswith("Optimizer."):
                 label = "optimizer"
                 break
-            parent = parent.cpu_parent
+            node = node.cpu_parent
         own[(event.name, label)] += own_us(event)
         calls[(event.name, label)] += 1
     busy_us = sum(own.values())
