@@ -1,4 +1,4 @@
-"""The ``--device`` option shared by the benchmark scripts."""
+"""The ``--device`` option and the device helpers shared by the benchmark scripts."""
 from __future__ import annotations
 
 import argparse
@@ -20,3 +20,9 @@ def device_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return torch.device(name)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); a no-op on the CPU, whose work is done when a call returns."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.device import add_device_argument, device_from_args
+from benchmarks.device import add_device_argument, device_from_args, sync
 from benchmarks.memory import PeakMemory
 from benchmarks.model_speed import model_config
 from mmcst.engine.infer import MapGenerator
@@ -114,11 +114,6 @@ def map_agreement(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> dict[str,
     return {"max_abs_diff": float(np.abs(x - y).max()), "correlation": float(np.corrcoef(x, y)[0, 1])}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure_maps(model_name: str = "mmcst", backbone: str = "vit_small_patch16_224", images: int = 16,
                  batch: int = 8, device: torch.device = torch.device("cpu"), *, scales: Sequence[float] = SCALES,
                  flip: bool = True, refine: bool = True, check_images: int = 2, atol: float = 1e-3,
@@ -141,13 +136,13 @@ def measure_maps(model_name: str = "mmcst", backbone: str = "vit_small_patch16_2
     memory = PeakMemory(device).begin()
     start = time.perf_counter()
     ours_maps = ours(fast, data, batch, device)
-    _sync(device)
+    sync(device)
     ours_s = time.perf_counter() - start
     peak_ours = memory.read()
     memory.restart(rebase=True)
     start = time.perf_counter()
     reference_maps = reference(model, data, scales, flip, refine, device)
-    _sync(device)
+    sync(device)
     reference_s = time.perf_counter() - start
     peak_reference = memory.read()
 

@@ -19,6 +19,8 @@ from typing import Optional
 
 import torch
 
+from benchmarks.device import sync
+
 STATUS = Path("/proc/self/status")
 CLEAR_REFS = Path("/proc/self/clear_refs")
 
@@ -56,7 +58,7 @@ class PeakMemory:
         """Start a new window for the peak. The CPU baseline stays the one taken by :meth:`begin`, or with
         ``rebase`` becomes the resident set now (the window then counts only what it adds)."""
         if self.cuda:
-            torch.cuda.synchronize(self.device)
+            sync(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             return
         if rebase:
@@ -70,7 +72,7 @@ class PeakMemory:
     def read(self) -> Optional[float]:
         """Peak MiB of the window so far."""
         if self.cuda:
-            torch.cuda.synchronize(self.device)
+            sync(self.device)
             return torch.cuda.max_memory_allocated(self.device) / 2**20
         peak = _status_mib("VmHWM")
         return None if self.baseline is None or peak is None else max(0.0, peak - self.baseline)

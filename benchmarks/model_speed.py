@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from benchmarks.device import add_device_argument, device_from_args
+from benchmarks.device import add_device_argument, device_from_args, sync
 from benchmarks.memory import PeakMemory
 from mmcst.config import ModelConfig
 from mmcst.models.registry import build_model
@@ -149,10 +149,8 @@ def time_training(model: str, backbone: str, size: int, batch: int, variant: str
 
     ``fused`` is mmcst's training step: fused SDPA attention, bf16 autocast on CUDA (no loss scaler),
     fused AdamW on CUDA. ``explicit`` is the peers' (MCTformer's) step: explicit softmax(QK^T)V in every
-    block, fp16 autocast with a GradScaler on CUDA, foreach AdamW. On CPU both run in float32.
+    block, fp16 autocast with a GradScaler on CUDA, foreach AdamW. On CPU both run in float32 unless ``amp``.
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
     global _process_warmed
     if device.type == "cpu" and not _process_warmed:
         # The first training step of a process allocates the libraries' lasting state (about 200 MiB on CPU),
@@ -166,11 +164,6 @@ def time_training(model: str, backbone: str, size: int, batch: int, variant: str
                                                clip_weights=clip_weights, amp=amp)
     cuda = device.type == "cuda"
     explicit = variant == "explicit"
-    losses: list[float] = []
-
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize(device)
 
     def mark() -> Any:
         """A point in time: a recorded CUDA event (read after the final sync) or the CPU clock."""
@@ -196,7 +189,7 @@ def time_training(model: str, backbone: str, size: int, batch: int, variant: str
         for _ in range(steps):
             timed.append(step())
             marks.append(mark())
-        sync()
+        sync(device)
         if cuda:
             step_times = [a.elapsed_time(b) / 1000 for a, b in zip(marks, marks[1:])]
         else:

@@ -27,7 +27,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.device import add_device_argument, device_from_args
+from benchmarks.device import add_device_argument, device_from_args, sync
 from benchmarks.model_speed import VARIANTS, build_training_step
 
 # First match wins; names are aten operators (and the optimizer's own records).
@@ -51,21 +51,16 @@ def category(name: str) -> str:
     return "other"
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def profile_work(work: Callable[[], Any], device: torch.device, steps: int = 3, warmup: int = 2,
                  top: int = 12) -> dict[str, Any]:
     """Wall time per call of ``work`` (unprofiled), then the profiled breakdown of ``steps`` calls."""
     for _ in range(warmup):
         work()
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     for _ in range(steps):
         work()
-    _sync(device)
+    sync(device)
     wall_ms = 1000 * (time.perf_counter() - start) / steps
 
     cuda = device.type == "cuda"
@@ -73,7 +68,7 @@ def profile_work(work: Callable[[], Any], device: torch.device, steps: int = 3, 
     with profile(activities=activities) as prof:
         for _ in range(steps):
             work()
-        _sync(device)
+        sync(device)
 
     def own_us(event: Any) -> float:
         if cuda:
@@ -128,14 +123,15 @@ def profile_training(model: str, backbone: str, size: int, batch: int, device: t
 
 def profile_maps(device: torch.device, images: int = 8, batch: int = 8, model: str = "mmcst",
                  backbone: str = "vit_small_patch16_224", steps: int = 2, warmup: int = 1,
-                 **kwargs: Any) -> dict[str, Any]:
+                 size: Optional[tuple[int, int]] = None,
+                 backbone_overrides: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """The breakdown of map generation as ``benchmarks.infer_speed`` times it (3 scales + flip, refinement;
     bf16 on CUDA). One step is all ``images``."""
     from benchmarks import infer_speed
     from mmcst.engine.infer import MapGenerator
 
-    net = infer_speed.build_map_model(model, backbone, device, backbone_overrides=kwargs.get("backbone_overrides"))
-    data = infer_speed.make_images(images, 0, kwargs.get("size", (infer_speed.HEIGHT, infer_speed.WIDTH)))
+    net = infer_speed.build_map_model(model, backbone, device, backbone_overrides=backbone_overrides)
+    data = infer_speed.make_images(images, 0, size or (infer_speed.HEIGHT, infer_speed.WIDTH))
     generator = MapGenerator(net, infer_speed.SCALES, True, True, device, amp=device.type == "cuda")
     result = profile_work(lambda: infer_speed.ours(generator, data, batch, device), device, steps, warmup)
     result.update(work=f"maps of {images} images", model=model, backbone=backbone, batch=batch,

@@ -70,6 +70,11 @@ def target_environment(python_version: str) -> dict[str, str]:
             "implementation_name": "cpython", "platform_python_implementation": "CPython", "extra": ""}
 
 
+def applies(requirement: Requirement, environment: Optional[dict[str, str]] = None) -> bool:
+    """Whether the requirement's marker holds in ``environment`` (default: this interpreter); extras never do."""
+    return requirement.marker is None or requirement.marker.evaluate({**(environment or {}), "extra": ""})
+
+
 def wheel_requirements(wheel: Path, environment: Optional[dict[str, str]] = None) -> list[Requirement]:
     """The ``Requires-Dist`` of a wheel that apply in ``environment`` (default: this interpreter), extras
     left out."""
@@ -83,7 +88,7 @@ def wheel_requirements(wheel: Path, environment: Optional[dict[str, str]] = None
     requirements = []
     for line in HeaderParser().parsestr(text).get_all("Requires-Dist") or []:
         requirement = Requirement(line)
-        if requirement.marker is None or requirement.marker.evaluate({**(environment or {}), "extra": ""}):
+        if applies(requirement, environment):
             requirements.append(requirement)
     return requirements
 
@@ -129,9 +134,7 @@ def fetch(dest: Path, python_version: str = "3.12", skip: Iterable[str] = (), ma
     while queue:
         requirement = queue.pop(0)
         name = canonicalize_name(requirement.name)
-        if requirement.marker is not None and not requirement.marker.evaluate(environment):
-            continue
-        if name in skipped or NEVER_FETCHED.match(name):
+        if not applies(requirement, environment) or name in skipped or NEVER_FETCHED.match(name):
             continue
         wanted[name] = wanted.get(name, SpecifierSet()) & requirement.specifier
         if name in chosen:
@@ -165,7 +168,7 @@ def unmet(requirements: Iterable[Requirement]) -> list[str]:
     """The requirements (markers evaluated here) that the current ``sys.path`` does not satisfy, as text."""
     problems = []
     for requirement in requirements:
-        if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+        if not applies(requirement):
             continue
         version = installed_version(requirement.name)
         if version is None:
@@ -197,7 +200,7 @@ def install(folder: Path, target: Optional[Path] = None, requirements: Optional[
     supported = {str(tag) for tag in sys_tags()}
     wanted: dict[str, SpecifierSet] = {}
     for requirement in requirements + [r for w in wheels for r in wheel_requirements(w)]:
-        if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+        if applies(requirement):
             name = canonicalize_name(requirement.name)
             wanted[name] = wanted.get(name, SpecifierSet()) & requirement.specifier
     if target.is_dir():  # a previous install: use what it holds when deciding
