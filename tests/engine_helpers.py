@@ -1,7 +1,7 @@
 """A tiny model and a tiny file-backed dataset implementing the mmcst contracts, for the engine tests.
 
 Everything here is top-level (picklable) so data-loader workers and spawned distributed processes can
-use it. ``TEST_BUILDERS`` plugs them into ``train``/``infer`` through :class:`mmcst.engine.common.Builders`.
+use it. ``TEST_BUILDERS`` plugs them into ``train``/``infer`` through :class:`mmcst.engine.builders.Builders`.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from torch import nn
 
 from mmcst.config import Config, DataConfig, ModelConfig, from_dict
 from mmcst.data.base import DatasetError, read_image
-from mmcst.engine.common import Builders
+from mmcst.engine.builders import Builders
 from mmcst.models.base import Localization, LocalizationModel
 
 CLASS_NAMES = ["disc", "square", "bar"]

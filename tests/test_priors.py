@@ -14,10 +14,10 @@ from safetensors.torch import save_file
 
 from mmcst.models import priors
 from mmcst.models.priors import (
-    ENSEMBLE_TEMPLATES, PROMPT_TEMPLATE, ClipImageEncoder, ClipTextEncoder, WeightReport, cache_image_embeddings,
-    clip_text_embeddings, encode_texts, load_clip, load_state_dict_file, resolve_templates, sha256_file,
-    summarize_reports,
+    ENSEMBLE_TEMPLATES, PROMPT_TEMPLATE, ClipImageEncoder, ClipTextEncoder, cache_image_embeddings,
+    clip_text_embeddings, encode_texts, prompt_name, resolve_templates,
 )
+from mmcst.models.weights import WeightReport, load_clip, load_state_dict_file, sha256_file, summarize_reports
 
 TINY_CLIP = "mmcst-test-tiny"  # plain GELU; "-quickgelu" is the same with QuickGELU
 
@@ -260,3 +260,10 @@ def test_cache_image_embeddings(clip_files: dict[str, Path], tmp_path: Path, mon
     monkeypatch.setattr(ClipImageEncoder, "forward", no_encoding)
     again = cache_image_embeddings(encoder, dataset, path)
     assert all(torch.equal(again[k], table[k]) for k in table)
+
+
+def test_prompt_names_are_natural_spellings() -> None:
+    assert prompt_name("pottedplant") == "potted plant"
+    assert prompt_name("tvmonitor") == "tv monitor"
+    assert prompt_name("red_striped_disc") == "red striped disc"
+    assert PROMPT_TEMPLATE.format(prompt_name("diningtable")) == "a photo of a dining table."

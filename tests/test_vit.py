@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from mmcst.models.priors import load_state_dict_file
+from mmcst.models.weights import load_state_dict_file
 from mmcst.models.vit import TokenViT, resize_patch_pos_embed
 
 NAME = "vit_tiny_patch16_224"

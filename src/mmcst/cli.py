@@ -6,7 +6,6 @@ Configs take ``key=value`` overrides after the config path, e.g. ``mmcst train c
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -192,7 +191,7 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if args.num_classes is not None:
             class_names = [f"class_{i}" for i in range(args.num_classes)]
         else:
-            from mmcst.engine.common import dataset_from_config
+            from mmcst.engine.builders import dataset_from_config
             class_names = dataset_from_config(cfg, cfg.data.train_split).class_names
         print(format_summary(model_summary(build_model(cfg.model, class_names))))
         return 0

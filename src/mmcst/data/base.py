@@ -18,11 +18,6 @@ VOC_CLASSES = (
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
     "tvmonitor",
 )
-# Natural spellings used inside CLIP prompts (METHOD.md 2.3); keys are dataset class names.
-PROMPT_NAMES = {
-    "aeroplane": "aeroplane", "diningtable": "dining table", "motorbike": "motorbike",
-    "pottedplant": "potted plant", "tvmonitor": "tv monitor",
-}
 
 IGNORE_INDEX = 255
 
@@ -36,10 +31,6 @@ class DatasetError(ValueError):
     def __init__(self, message: str, path: str | Path | None = None) -> None:
         super().__init__(message)
         self.path = Path(path) if path is not None else None
-
-
-def prompt_name(class_name: str) -> str:
-    return PROMPT_NAMES.get(class_name, class_name.replace("_", " "))
 
 
 def read_image(path: str | Path) -> torch.Tensor:

@@ -26,10 +26,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from mmcst.data.base import DatasetError
-from mmcst.engine.common import (
-    Builders, autocast, barrier, dataset_from_config, init_distributed, is_main_process, log, memory_format_of,
-    setup_logging, shard,
-)
+from mmcst.engine.builders import Builders, dataset_from_config
+from mmcst.engine.distributed import autocast, barrier, init_distributed, is_main_process, memory_format_of, shard
+from mmcst.engine.rundir import log, setup_logging
 from mmcst.engine.train import model_from_run
 from mmcst.io import MapFileError, atomic_write_json, load_map, save_label_png, save_map
 

@@ -1,6 +1,6 @@
 """Training loop: resumable sampling, AdamW with warm-up + cosine schedule, bf16 autocast, DDP, atomic checkpoints.
 
-``train(cfg)`` writes ``<out_dir>/<name>/`` (see :mod:`mmcst.engine.common`) and returns it. The model is
+``train(cfg)`` writes ``<out_dir>/<name>/`` (see :mod:`mmcst.engine.rundir`) and returns it. The model is
 whatever ``cfg.model.name`` builds; the engine only calls ``forward``, ``loss``, ``classify`` and
 ``no_weight_decay`` (``mmcst.models.base``). ``train(cfg, resume=True)`` continues from
 ``checkpoints/last.pth`` so that an interrupted run ends with the weights an uninterrupted one would have.
@@ -24,10 +24,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from mmcst.config import Config, ConfigError, TrainConfig, from_dict, to_yaml
 from mmcst.data.base import DatasetError
-from mmcst.engine.common import (
-    Builders, MetricsWriter, all_reduce_flags, autocast, barrier, dataset_from_config, file_log, init_distributed,
-    is_main_process, log, make_run_dirs, memory_format_of, rank, rng_state, run_directory, sample_seed,
-    seed_everything, seed_worker, set_rng_state, setup_logging, shard, world_size, write_config, write_env,
+from mmcst.engine.builders import Builders, dataset_from_config
+from mmcst.engine.distributed import (
+    all_reduce_flags, autocast, barrier, init_distributed, is_main_process, memory_format_of, rank, shard, world_size,
+)
+from mmcst.engine.randomness import rng_state, sample_seed, seed_everything, seed_worker, set_rng_state
+from mmcst.engine.rundir import (
+    MetricsWriter, file_log, log, make_run_dirs, run_directory, setup_logging, write_config, write_env,
 )
 from mmcst.io import atomic_save_torch, atomic_write_json
 

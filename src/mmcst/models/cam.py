@@ -17,6 +17,7 @@ from torch import nn
 from mmcst.losses import mlsm
 from mmcst.models.base import Localization, LocalizationModel
 from mmcst.models.registry import register_model
+from mmcst.models.weights import load_resnet_weights
 
 _OUTPUT_STRIDES = (8, 16, 32)
 
@@ -47,7 +48,7 @@ class CAMModel(LocalizationModel):
         self.classifier = nn.Conv2d(self.backbone.num_features, self.num_classes, kernel_size=1, bias=False)
         self._reports: list[dict[str, Any]] = []
         if weights is not None:
-            self._reports.append(_load_resnet_weights(self.backbone, weights))
+            self._reports.append(load_resnet_weights(self.backbone, weights))
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone.forward_features(images)  # B x K x h x w
@@ -70,29 +71,6 @@ class CAMModel(LocalizationModel):
 
     def weight_report(self) -> list[dict[str, Any]]:
         return list(self._reports)
-
-
-def _load_resnet_weights(backbone: nn.Module, path: str) -> dict[str, Any]:
-    """Load a timm or torchvision ResNet state dict (same key names) into the trunk; drop the classifier."""
-    from mmcst.models.priors import WeightReport, load_state_dict_file, sha256_file
-
-    state = load_state_dict_file(path)
-    dropped = sorted(k for k in state if k.startswith(("fc.", "classifier.", "head.")))
-    state = {k: v for k, v in state.items() if k not in dropped}
-    own = backbone.state_dict()
-    mismatched = sorted(k for k, v in state.items() if k in own and own[k].shape != v.shape)
-    if mismatched:
-        detail = ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched[:5])
-        raise ValueError(f"{path}: ResNet weights do not fit model.backbone.name ({detail})")
-    result = backbone.load_state_dict(state, strict=False)
-    loaded = sorted(k for k in state if k in own)
-    if not loaded:
-        raise ValueError(f"{path}: no key of this checkpoint matches the ResNet trunk "
-                         f"(first keys: {list(state)[:5]}); expected a timm/torchvision ResNet state dict")
-    notes = [f"dropped classifier keys: {dropped}"] if dropped else []
-    report = WeightReport(path=str(path), sha256=sha256_file(path), loaded=len(loaded),
-                          missing=sorted(result.missing_keys), unexpected=sorted(result.unexpected_keys), notes=notes)
-    return report.as_dict()
 
 
 @register_model("cam")

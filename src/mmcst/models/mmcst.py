@@ -118,7 +118,8 @@ class MMCST(LocalizationModel):
         clip_model = None
         self.context_active = self.use_text and prior.kind == "clip" and cfg.context != "none"
         if self.use_text and prior.kind == "clip":
-            from mmcst.models.priors import clip_text_embeddings, load_clip, resolve_templates
+            from mmcst.models.priors import clip_text_embeddings, resolve_templates
+            from mmcst.models.weights import load_clip
 
             clip_model, report = load_clip(prior.clip_model, prior.clip_weights)
             self._clip_reports.append(report)

@@ -21,7 +21,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from mmcst.models.priors import WeightReport, load_vit_checkpoint
+from mmcst.models.weights import WeightReport, load_vit_checkpoint
 
 POS_EMBED_INIT = ("bicubic", "replicate")
 
