@@ -1,4 +1,7 @@
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -53,6 +56,36 @@ def test_atomic_open_leaves_no_partial_file(tmp_path):
     assert os.listdir(tmp_path) == []
     atomic_write_json(target, {"a": np.float32(1.5)})
     assert target.read_text().strip().startswith("{")
+
+
+_WRITE_UNDER_UMASK = """
+import json, os, stat, sys
+from pathlib import Path
+os.umask(int(sys.argv[2], 8))
+from mmcst import io
+out = Path(sys.argv[1])
+io.atomic_write_bytes(out / "new.bin", b"x")
+io.atomic_write_json(out / "sub" / "new.json", {"a": 1})
+io.save_map(out / "map.npy", [0], [[[0.5]]])
+for name, mode in (("shared.txt", 0o640), ("private.txt", 0o600)):
+    (out / name).write_text("old")
+    os.chmod(out / name, mode)
+    io.atomic_write_text(out / name, "new")
+modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file()}
+print(json.dumps({"modes": modes, "umask": io.current_umask(), "at_import": io._UMASK_AT_IMPORT}))
+"""
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_atomic_writes_get_the_mode_plain_open_gives(tmp_path, umask):
+    """New files get 0o666 & ~umask (not mkstemp's 0o600); overwritten files keep their mode."""
+    result = subprocess.run([sys.executable, "-c", _WRITE_UNDER_UMASK, str(tmp_path), oct(umask)],
+                            capture_output=True, text=True, check=True)
+    written = json.loads(result.stdout)
+    fresh = 0o666 & ~umask
+    assert written["modes"] == {"new.bin": fresh, "new.json": fresh, "map.npy": fresh,
+                                "shared.txt": 0o640, "private.txt": 0o600}
+    assert written["umask"] == written["at_import"] == umask
 
 
 def test_palette_png_round_trip(tmp_path):

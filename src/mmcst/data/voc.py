@@ -30,6 +30,7 @@ from mmcst.data.base import (
     read_label_mask,
     register_dataset,
 )
+from mmcst.io import MapFileError, safe_load_npy
 
 LABEL_SOURCES = ("auto", "xml", "mask", "npy")
 
@@ -71,17 +72,18 @@ def load_cls_labels(path: str | Path, num_classes: int) -> dict[str, np.ndarray]
     """Read a PSA-style ``cls_labels.npy``: a pickled dict ``{image id: float [C]}``.
 
     Keys may be strings ('2007_000032') or, in older files, ints (2007000032); ints are turned back
-    into VOC ids by re-inserting the underscore after the year.
+    into VOC ids by re-inserting the underscore after the year. The file is read by
+    :func:`mmcst.io.safe_load_npy`, so a crafted file cannot run code.
     """
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: labels file not found (expected a PSA-style cls_labels.npy)", path)
     try:
-        obj = np.load(path, allow_pickle=True)
-        if isinstance(obj, np.ndarray) and obj.dtype == object and obj.shape == ():
-            obj = obj.item()
-    except Exception as exc:
-        raise DatasetError(f"{path}: unreadable labels file ({exc})", path) from exc
+        obj = safe_load_npy(path, what="labels file")
+    except MapFileError as exc:
+        raise DatasetError(str(exc), path) from exc
+    if isinstance(obj, np.ndarray) and obj.dtype == object and obj.shape == ():
+        obj = obj.item()
     if not isinstance(obj, dict):
         raise DatasetError(f"{path}: expected a dict {{image id: float [C]}}, got {type(obj).__name__}", path)
     labels: dict[str, np.ndarray] = {}
