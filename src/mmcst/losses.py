@@ -2,7 +2,8 @@
 
 * :func:`mlsm` — multi-label soft-margin loss on B x C logits.
 * :func:`gwrp` — Global Weighted Ranking Pooling of B x C x N maps into B x C logits.
-* :func:`batch_contrastive_ce` — ``CE(u v^T / tau, I)`` over a batch (image-language context transfer).
+* :func:`batch_contrastive_ce` — ``CE(u v^T / tau, I)`` over a batch (image-language context transfer),
+  the global batch under DDP.
 * :func:`l1_regularizer` — the L1 variant of the context regulariser.
 * :func:`contrastive_class_token_loss` — MCTformer+'s contrastive class-token (CCT) loss.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 from typing import Sequence, Union
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 Temperature = Union[float, torch.Tensor]
@@ -64,16 +66,27 @@ def gwrp(maps: torch.Tensor, decay: float) -> torch.Tensor:
     return ranked @ weights
 
 
-def _similarity(u: torch.Tensor, v: torch.Tensor, temperature: Temperature) -> torch.Tensor:
+def _check_contrastive_inputs(u: torch.Tensor, v: torch.Tensor, temperature: Temperature) -> None:
     if u.dim() != 2 or v.dim() != 2 or u.shape != v.shape:
         raise ValueError(f"contrastive loss: expected two B x d tensors of equal shape, got {tuple(u.shape)} and {tuple(v.shape)}")
     if isinstance(temperature, float) and temperature <= 0:
         raise ValueError(f"contrastive loss: temperature must be > 0, got {temperature}")
+
+
+def _similarity(u: torch.Tensor, v: torch.Tensor, temperature: Temperature) -> torch.Tensor:
     return (u @ v.t()) / temperature
 
 
 def batch_contrastive_ce(u: torch.Tensor, v: torch.Tensor, temperature: Temperature, symmetric: bool = False) -> torch.Tensor:
     """Batch-contrastive cross-entropy (METHOD 3.4): ``S = u v^T / tau``, CE of each row against its own index.
+
+    Under DDP (an initialised process group of more than one process) the batch is the *global* one:
+    ``u`` and ``v`` are gathered from every rank, S is the N x N matrix of all N samples, and the value
+    returned is the loss of the whole global batch, the same number on every rank (so the logged
+    ``contrast`` term reads as in a single process with batch N). Every rank must call it: two small
+    collectives and one host sync (the per-rank sizes).
+    Gradients equal those of one process computing the loss on all N samples once DDP has averaged them
+    (see :func:`_global_batch`). Without a process group nothing is gathered.
 
     Args:
         u: B x d projected pooled text representations (L2-normalised by the caller).
@@ -81,12 +94,61 @@ def batch_contrastive_ce(u: torch.Tensor, v: torch.Tensor, temperature: Temperat
         temperature: tau, a float or a scalar tensor (learnable variant).
         symmetric: also take the column-wise CE (image -> text) and average the two.
     """
+    _check_contrastive_inputs(u, v, temperature)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        u, v = _global_batch(u, v)
     sim = _similarity(u, v, temperature)
     target = torch.arange(sim.shape[0], device=sim.device)
     loss = F.cross_entropy(sim, target)
     if symmetric:
         loss = 0.5 * (loss + F.cross_entropy(sim.t(), target))
     return loss
+
+
+def _global_batch(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's rows of ``u`` and ``v`` in rank order; this rank's own rows keep their gradient, times W.
+
+    Each rank then computes the whole global loss L. Other ranks' rows are constants here, so rank r's
+    backward yields dL/du_r (row i of S depends on u_i only, but every column of the symmetric variant
+    depends on all u: computing all rows and columns on every rank covers both). DDP sums the W ranks'
+    parameter gradients and divides by W, hence the factor W on the local rows; a shared parameter such
+    as a learnable temperature gets the full dL/dtau on every rank, whose average is dL/dtau again.
+    This assumes DDP's default averaging (no gradient-summing communication hook).
+
+    Ranks may hold different numbers of rows (skipped unreadable samples): sizes are exchanged first
+    and the rows padded to the longest for the collective. Plain all_gather + re-inserted local rows
+    rather than the autograd-aware ``torch.distributed.nn.functional.all_gather``: the collectives stay in
+    the forward pass (no reduce-scatter, emulated by all-to-all on gloo, interleaved with DDP's bucket
+    all-reduces in backward), and computing the whole N x N loss on every rank makes the logged value
+    the global one. The cost is N x N x d on each rank: nothing next to the encoder.
+    """
+    world, rank = dist.get_world_size(), dist.get_rank()
+    sizes_here = torch.tensor([u.shape[0]], device=u.device)
+    sizes = [torch.empty_like(sizes_here) for _ in range(world)]
+    dist.all_gather(sizes, sizes_here)
+    counts = [int(n) for n in torch.cat(sizes).tolist()]
+    # One collective for both: packed side by side in a dtype that holds either exactly.
+    common = torch.promote_types(u.dtype, v.dtype)
+    packed = torch.cat([u.detach().to(common), v.detach().to(common)], dim=1)
+    longest = max(counts)
+    if packed.shape[0] < longest:
+        packed = F.pad(packed, (0, 0, 0, longest - packed.shape[0]))
+    parts = [torch.empty_like(packed) for _ in range(world)]
+    dist.all_gather(parts, packed.contiguous())
+    width = u.shape[1]
+    u_parts = [part[:n, :width].to(u.dtype) for part, n in zip(parts, counts)]
+    v_parts = [part[:n, width:].to(v.dtype) for part, n in zip(parts, counts)]
+    u_parts[rank] = _scale_gradient(u, world)
+    v_parts[rank] = _scale_gradient(v, world)
+    return torch.cat(u_parts), torch.cat(v_parts)
+
+
+def _scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """``x`` unchanged (bitwise), with the gradient flowing back through this use multiplied by ``factor``."""
+    if not x.requires_grad:
+        return x
+    detached = x.detach()
+    return detached + (x - detached) * factor  # x - detached is exactly 0: same value, gradient x factor
 
 
 def l1_regularizer(u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
