@@ -1,6 +1,7 @@
 """Refinement against brute-force references."""
 from __future__ import annotations
 
+import os
 import sys
 
 import numpy as np
@@ -49,7 +50,8 @@ def test_dense_crf_missing_dependency_message(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_dense_crf_runs_when_installed() -> None:
-    pytest.importorskip("pydensecrf.densecrf")
+    if os.environ.get("MMCST_REQUIRE_CRF") != "1":  # CI installs the extra: there the test must run
+        pytest.importorskip("pydensecrf.densecrf")
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
     probs = rng.random((2, 8, 8)).astype(np.float32)
