@@ -271,3 +271,175 @@ def load_resnet_weights(backbone: nn.Module, path: str | os.PathLike) -> dict[st
     report = WeightReport(path=str(path), sha256=sha256_file(path), loaded=len(loaded),
                           missing=sorted(result.missing_keys), unexpected=sorted(result.unexpected_keys), notes=notes)
     return report.as_dict()
+
+
+# --------------------------------------------------------------------------------------------------
+# official MCTformer checkpoints
+
+MCTFORMER_VERSIONS = ("v1", "v2")
+_MCTFORMER_BLOCK_TENSORS = tuple(f"{layer}.{kind}" for layer in ("norm1", "attn.qkv", "attn.proj", "norm2",
+                                                                  "mlp.fc1", "mlp.fc2") for kind in ("weight", "bias"))
+
+
+def official_mctformer_keys(depth: int) -> list[str]:
+    """Tensor names of the official ``deit_small_MCTformerV{1,2}_patch16_224`` state dict with ``depth`` blocks.
+
+    Both versions hold ``head.weight``/``head.bias``: V1's is DeiT's unused linear classifier, V2's the 3x3
+    PatchCAM convolution.
+    """
+    blocks = [f"blocks.{i}.{name}" for i in range(depth) for name in _MCTFORMER_BLOCK_TENSORS]
+    return ["cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", *blocks,
+            "norm.weight", "norm.bias", "head.weight", "head.bias"]
+
+
+def _block_count(names: Iterable[str], prefix: str = "blocks.") -> int:
+    """Number of transformer blocks named ``<prefix><i>.*`` in ``names`` (highest index + 1; 0 if none)."""
+    indices = {int(n[len(prefix):].split(".", 1)[0]) for n in names
+               if n.startswith(prefix) and n[len(prefix):].split(".", 1)[0].isdigit()}
+    return max(indices) + 1 if indices else 0
+
+
+def convert_official_mctformer(state: dict[str, Tensor], version: str, target: dict[str, Tensor],
+                               source: str = "checkpoint") -> tuple[dict[str, Tensor], list[str]]:
+    """Map an official MCTformer state dict (``main.py``'s ``checkpoint['model']``) onto mmcst's MCTformer.
+
+    Official layout (C classes, D width, N = h*w native patches): ``cls_token`` 1 x C x D (the class tokens),
+    ``pos_embed`` 1 x (C + N) x D (class-token slots first), ``patch_embed.proj.*``, ``blocks.<i>.*`` (timm
+    names), ``norm.*`` (never applied by MCTformer's forward) and ``head.*`` (V2: the C x D x 3 x 3 PatchCAM
+    convolution; V1: DeiT's linear classifier, unused since V1's logits are class-token means, so dropped).
+
+    Args:
+        state: the official tensors by name.
+        version: ``v1`` or ``v2``.
+        target: ``state_dict()`` of the mmcst MCTformer that will receive the weights (names and shapes).
+        source: the file, for error messages.
+
+    Returns:
+        ``(state dict for the target, notes on what was adapted)``. Raises ``ValueError`` naming ``source`` and
+        the offending keys when the layout or a shape does not fit.
+    """
+    if version not in MCTFORMER_VERSIONS:
+        raise ValueError(f"MCTformer version: expected one of {list(MCTFORMER_VERSIONS)}, got {version!r}")
+    label = f"MCTformer-{version.upper()}"
+    depth = _block_count(target, "vit.blocks.")
+    expected = official_mctformer_keys(depth)
+    missing = [k for k in expected if k not in state]
+    known = set(expected)
+    unexpected = sorted(k for k in state if k not in known)
+    if missing or unexpected:
+        parts = [f"{what}: {_short_list(keys)}" for what, keys in (("missing", missing), ("unexpected", unexpected))
+                 if keys]
+        file_depth = _block_count(state)
+        hint = (f"; the file has {file_depth} blocks, the config builds {depth} (model.backbone.depth)"
+                if file_depth and file_depth != depth else "")
+        raise ValueError(f"{source}: not an official {label} state dict of {depth} blocks ({'; '.join(parts)}){hint}")
+
+    cls_token, pos_embed, head = state["cls_token"], state["pos_embed"], state["head.weight"]
+    num_classes, dim = target["class_tokens"].shape
+    num_patches = target["vit.pos_embed"].shape[1]
+    if head.dim() == 4 and version == "v1":
+        raise ValueError(f"{source}: head.weight {tuple(head.shape)} is V2's 3x3 PatchCAM convolution: an "
+                         "MCTformer-V2 checkpoint (import it as mctformer_v2)")
+    if head.dim() != 4 and version == "v2":
+        raise ValueError(f"{source}: head.weight {tuple(head.shape)} is not V2's C x D x 3 x 3 PatchCAM "
+                         "convolution: an MCTformer-V1 checkpoint? (import it as mctformer_v1)")
+    if cls_token.dim() != 3 or cls_token.shape[:2] != (1, num_classes):
+        raise ValueError(f"{source}: cls_token has shape {tuple(cls_token.shape)}, expected (1, {num_classes}, {dim}) "
+                         f"({num_classes} class tokens; a plain ViT/DeiT checkpoint has one)")
+    if pos_embed.dim() != 3 or pos_embed.shape[1] != num_classes + num_patches:
+        raise ValueError(f"{source}: pos_embed has shape {tuple(pos_embed.shape)}, expected (1, {num_classes} class "
+                         f"slots + {num_patches} patches, {dim}); a checkpoint trained at another input size needs "
+                         "model.backbone.img_size set to it")
+
+    converted: dict[str, Tensor] = {
+        "class_tokens": cls_token[0],
+        "vit.prefix_pos.cls": pos_embed[0, :num_classes],
+        "vit.pos_embed": pos_embed[:, num_classes:],
+        # Not part of the official model: it only initialises the class tokens of a newly built mmcst model.
+        "vit.pretrained_cls": torch.zeros_like(target["vit.pretrained_cls"]),
+    }
+    notes = [(f"cls_token -> class_tokens ({num_classes} x {dim}); pos_embed -> vit.prefix_pos.cls (class slots) + "
+              f"vit.pos_embed ({num_patches} patches)"),
+             "vit.pretrained_cls set to zeros (not in the official model; only used to initialise new class tokens)",
+             "norm.* -> vit.norm.* (MCTformer never applies the final norm, in the official code or here)"]
+    for name in expected:
+        if name.startswith(("patch_embed.", "blocks.", "norm.")):
+            converted[f"vit.{name}"] = state[name]
+    if version == "v2":
+        converted["patch_head.weight"], converted["patch_head.bias"] = state["head.weight"], state["head.bias"]
+    else:
+        notes.append(f"dropped head.weight {tuple(head.shape)}, head.bias: DeiT's linear classifier, unused by V1 "
+                     "(its logits are the channel means of the class tokens)")
+
+    absent = sorted(set(target) - set(converted))
+    extra = sorted(set(converted) - set(target))
+    if absent or extra:
+        raise ValueError(f"{source}: the {label} model built from the config does not fit the official layout "
+                         f"(not filled: {_short_list(absent)}; no place for: {_short_list(extra)})")
+    mismatched = [k for k in converted if tuple(converted[k].shape) != tuple(target[k].shape)]
+    if mismatched:
+        detail = "; ".join(f"{k} {tuple(converted[k].shape)} vs {tuple(target[k].shape)}" for k in mismatched[:6])
+        raise ValueError(f"{source}: tensor shapes do not fit the {label} built from the config (file vs model: "
+                         f"{detail}{' ...' if len(mismatched) > 6 else ''}); check model.backbone (name, embed_dim, "
+                         "patch_size, img_size)")
+    converted = {k: v.detach().to(target[k].dtype).contiguous().clone() for k, v in converted.items()}
+    return converted, notes
+
+
+# --------------------------------------------------------------------------------------------------
+# ResNet-38 in PSA's layout (the WSSS stage: AffinityNet, DeepLab-V1)
+
+RESNET38_WEIGHT_SOURCES = (
+    "ImageNet ResNet-38: ilsvrc-cls_rna-a1_cls1000_ep-0001.params from https://github.com/itijyou/ademxapp, "
+    "converted to a state dict with convert_mxnet_to_torch in PSA's network/resnet38d.py and torch.save",
+    "VOC-trained classifier res38_cls.pth: https://github.com/jiwoon-ahn/psa (README, 'Results and Trained Models')",
+)
+_RESNET38_STEM_KEY = "conv1a.weight"
+
+
+def load_resnet38_weights(model: nn.Module, path: str | os.PathLike) -> WeightReport:
+    """Load a ResNet-38 state dict in PSA's layout into a model, key for key; return what loaded.
+
+    ``model`` is a :class:`mmcst.models.resnet38.ResNet38` or a module holding one as ``.backbone``
+    (AffinityNet, DeepLab-V1): a file key ``k`` fills the model's ``k`` or ``backbone.k``. Accepted files:
+    PSA's converted ImageNet weights, PSA's ``res38_cls.pth`` (its classifier ``fc8`` is reported as
+    unexpected), PSA's ``resnet38_aff.pth`` and MCTformer's segmentation checkpoints (their heads load
+    too, the names match), plain or wrapped (``state_dict`` / ``model``, ``module.`` prefixes).
+    ``num_batches_tracked`` counters are neither required nor reported (frozen BN has none).
+    """
+    path = Path(path)
+    if path.suffix == ".params":
+        raise ValueError(f"{path}: is an MXNet .params file; mmcst does not read MXNet. Convert it once with "
+                         f"convert_mxnet_to_torch from PSA's network/resnet38d.py and torch.save the result")
+    if not path.is_file():
+        raise _missing_file_error(path, "ResNet-38 weight file", RESNET38_WEIGHT_SOURCES)
+    state = load_state_dict_file(path)
+    own = model.state_dict()
+    mapped: dict[str, Tensor] = {}
+    unexpected: list[str] = []
+    for key, tensor in state.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        target = key if key in own else f"backbone.{key}" if f"backbone.{key}" in own else None
+        if target is None:
+            unexpected.append(key)
+            continue
+        if tuple(tensor.shape) != tuple(own[target].shape):
+            raise ValueError(f"{path}: tensor {key!r} has shape {tuple(tensor.shape)}, the model expects "
+                             f"{tuple(own[target].shape)} (weight files fit ResNet-38 at width 1 only; a head "
+                             f"tensor differs when the number of classes does)")
+        mapped[target] = tensor
+    stem = next((k for k in (_RESNET38_STEM_KEY, f"backbone.{_RESNET38_STEM_KEY}") if k in own), None)
+    if stem is None or stem not in mapped:
+        hint = (" It looks like a torchvision/timm ResNet: use a timm/torchvision backbone with load_resnet_weights."
+                if any(k.startswith("layer1.") for k in state) else "")
+        raise ValueError(f"{path}: is not a ResNet-38 in PSA's layout (no {_RESNET38_STEM_KEY!r}; first keys: "
+                         f"{_short_list(list(state), 5)}).{hint} Sources: {'; '.join(RESNET38_WEIGHT_SOURCES)}")
+    model.load_state_dict(mapped, strict=False)
+    missing = [k for k in own if k not in mapped and not k.endswith("num_batches_tracked")]
+    notes = []
+    if "fc8.weight" in unexpected:
+        notes.append("PSA classifier fc8 not used (a new head is trained)")
+    report = WeightReport(str(path), sha256_file(path), len(mapped), missing, sorted(unexpected), notes)
+    logger.info("ResNet-38 weights: %s", report.summary())
+    return report
