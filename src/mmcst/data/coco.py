@@ -37,6 +37,19 @@ logger = logging.getLogger(__name__)
 SPLIT_ALIASES = {"train": "train2014", "val": "val2014"}
 RENDER_RULE = "non-crowd instances painted largest area first; crowd regions = 255, painted last"
 _MANIFEST_VERSION = 1
+# The 80 categories of the COCO 2014 instances JSON in sorted category-id order, as the dataset reads them;
+# for tools that need the class list without the dataset (e.g. the CLIP prompts of ``mmcst model summary``).
+COCO_CLASSES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
+    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear",
+    "hair drier", "toothbrush",
+)
 
 
 def load_coco(path: Path) -> COCO:

@@ -5,6 +5,8 @@ from typing import Any
 
 from torch import nn
 
+from mmcst.models.vit import TokenViT
+
 
 def _hidden_frozen(module: nn.Module) -> int:
     """Parameters of frozen priors kept outside the module tree (``clip_model`` held by the CLIP encoders,
@@ -26,9 +28,19 @@ def _count(module: nn.Module) -> tuple[int, int]:
     return trainable, frozen + _hidden_frozen(module)
 
 
+def _vit_input(model: nn.Module) -> dict[str, Any] | None:
+    """Patch size and native grid of the model's ViT: the input size its learned pos-embed is laid out for."""
+    vit = next((m for m in model.modules() if isinstance(m, TokenViT)), None)
+    if vit is None:
+        return None
+    grid = [int(g) for g in vit.grid_size]
+    return {"patch_size": vit.patch_size, "grid": grid, "image_size": [g * vit.patch_size for g in grid]}
+
+
 def model_summary(model: nn.Module) -> dict[str, Any]:
-    """Describe a model: class, classes, trainable/frozen counts (total and per top-level part), token
-    layout (``model.token_layout()`` where the method defines one) and the pretrained-weight reports.
+    """Describe a model: class, classes, trainable/frozen counts (total and per top-level part), the ViT's
+    native input size, token layout (``model.token_layout()`` where the method defines one) and the
+    pretrained-weight reports.
 
     Frozen counts include buffers (e.g. cached CLIP text embeddings, BatchNorm statistics) and the frozen
     CLIP encoders, which are held outside ``parameters()``.
@@ -44,9 +56,11 @@ def model_summary(model: nn.Module) -> dict[str, Any]:
     return {
         "model": type(model).__name__,
         "num_classes": int(getattr(model, "num_classes", 0)),
+        "class_names": [str(name) for name in getattr(model, "class_names", [])],
         "trainable_parameters": trainable,
         "frozen_parameters": frozen,
         "parts": parts,
+        "vit_input": _vit_input(model),
         "token_layout": layout,
         "weight_reports": reports,
     }
@@ -63,6 +77,16 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"parameters: {_millions(summary['trainable_parameters'])} trainable, "
         f"{_millions(summary['frozen_parameters'])} frozen (incl. buffers)",
     ]
+    names = summary.get("class_names") or []
+    if names:
+        shown = ", ".join(names[:12]) + (f", ... ({len(names) - 12} more)" if len(names) > 12 else "")
+        lines.append(f"classes: {shown}")
+    vit_input = summary.get("vit_input")
+    if vit_input:
+        (h, w), (height, width) = vit_input["grid"], vit_input["image_size"]
+        size = f"{height} px" if height == width else f"{height}x{width} px"
+        lines.append(f"input: {size} = {h}x{w} patches of {vit_input['patch_size']} px (native pos-embed grid; "
+                     f"other sizes interpolate it)")
     if summary.get("token_layout"):
         lines.append(f"token layout: {summary['token_layout']}")
     if summary.get("parts"):
