@@ -97,9 +97,9 @@ def check_bf16_maps(device: Any, images: int = 4) -> dict[str, Any]:
     model = infer_speed.build_map_model("mmcst", "vit_small_patch16_224", device)
     data = infer_speed.make_images(images)
     maps = {}
-    for name, amp in (("bf16", True), ("fp32", False)):
+    for name in ("bf16", "fp32"):
         torch.cuda.reset_peak_memory_stats(device)
-        generator = MapGenerator(model, infer_speed.SCALES, True, True, device, amp=amp)
+        generator = MapGenerator(model, infer_speed.SCALES, True, True, device, precision=name)
         maps[name] = infer_speed.ours(generator, data, images, device)
         maps[f"{name}_peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     agreement = infer_speed.map_agreement(maps["bf16"], maps["fp32"])

@@ -9,7 +9,7 @@ patch-affinity refinement, two ways:
 
 * ``ours``: :class:`mmcst.engine.infer.MapGenerator` as ``mmcst infer`` runs it: images bucketed by size
   (all VOC-sized here, so one bucket) in batches of ``--batch``, each scale's flip in the same forward as
-  its image, bf16 autocast on CUDA;
+  its image, bf16 autocast on CUDA (``infer.precision=bf16``; mmcst infer defaults to fp32);
 * ``reference``: MCTformer's ``generate_attention_maps_ms``: one image at a time, one float32 forward per
   scale and per flip, each map refined, upsampled and summed.
 
@@ -123,8 +123,8 @@ def measure_maps(model_name: str = "mmcst", backbone: str = "vit_small_patch16_2
     model = build_map_model(model_name, backbone, device, backbone_overrides=backbone_overrides)
     data = make_images(images, seed, size)
     cuda = device.type == "cuda"
-    exact = MapGenerator(model, scales, flip, refine, device, amp=False)
-    fast = MapGenerator(model, scales, flip, refine, device, amp=True) if cuda else exact
+    exact = MapGenerator(model, scales, flip, refine, device, precision="fp32")
+    fast = MapGenerator(model, scales, flip, refine, device, precision="bf16") if cuda else exact
 
     # Untimed warm-up of both paths (kernel selection, allocator) on a half-size image.
     warm = make_images(1, seed + 1, (max(1, size[0] // 2), max(1, size[1] // 2)))

@@ -132,7 +132,8 @@ def profile_maps(device: torch.device, images: int = 8, batch: int = 8, model: s
 
     net = infer_speed.build_map_model(model, backbone, device, backbone_overrides=backbone_overrides)
     data = infer_speed.make_images(images, 0, size or (infer_speed.HEIGHT, infer_speed.WIDTH))
-    generator = MapGenerator(net, infer_speed.SCALES, True, True, device, amp=device.type == "cuda")
+    generator = MapGenerator(net, infer_speed.SCALES, True, True, device,
+                             precision="bf16" if device.type == "cuda" else "fp32")
     result = profile_work(lambda: infer_speed.ours(generator, data, batch, device), device, steps, warmup)
     result.update(work=f"maps of {images} images", model=model, backbone=backbone, batch=batch,
                   images_per_s=round(1000 * images / result["wall_ms_per_step"], 2))

@@ -81,7 +81,7 @@ def test_cpu_autocast_option_runs_bf16_and_says_so():
 def test_batch1_reference_maps_equal_ours():
     model = infer_speed.build_map_model("mmcst", "vit_small_patch16_224", CPU, backbone_overrides=TOY)
     data = infer_speed.make_images(3, size=(40, 48))
-    generator = MapGenerator(model, infer_speed.SCALES, True, True, CPU, amp=False)
+    generator = MapGenerator(model, infer_speed.SCALES, True, True, CPU, precision="fp32")
     batched = infer_speed.ours(generator, data, 2, CPU)
     one_by_one = infer_speed.reference(model, data, infer_speed.SCALES, True, True, CPU)
     for (_, keys), a, b in zip(data, batched, one_by_one):

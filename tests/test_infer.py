@@ -261,3 +261,87 @@ def test_channels_last_model_maps_match_contiguous_ones():
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     for got, want in zip(generator(images, keys, normalize=False), expected):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+class _AutocastProbe(torch.nn.Module):
+    """Records, at each ``localize``, the input dtype and the dtype a matmul gets (= the active autocast dtype)."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+        self.seen: list[tuple[torch.dtype, torch.dtype]] = []
+
+    def localize(self, images, need_affinity=False):
+        probe = torch.ones(2, 2)
+        self.seen.append((images.dtype, (probe @ probe).dtype))
+        return self.model.localize(images, need_affinity)
+
+
+def test_default_precision_is_float32_even_inside_an_enclosing_autocast(run_dir):
+    model, cfg, _ = model_from_run(run_dir, builders=TEST_BUILDERS)
+    assert cfg.infer.precision == "fp32"
+    images = tiny_normalize(_test_split(run_dir)[0]["image"])[None]
+    probe = _AutocastProbe(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # e.g. a training loop's; the maps must not inherit it
+        fp32 = MapGenerator(probe, [1.0, 0.75], flip=True, refine=True, device=torch.device("cpu"))(
+            images, [np.arange(3)], normalize=False)
+    assert probe.seen and all(seen == (torch.float32, torch.float32) for seen in probe.seen)
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):  # CPU autocast to both in this torch
+        probe.seen.clear()
+        maps = MapGenerator(probe, [1.0, 0.75], flip=True, refine=True, device=torch.device("cpu"),
+                            precision=precision)(images, [np.arange(3)], normalize=False)
+        assert probe.seen and all(seen == (torch.float32, dtype) for seen in probe.seen), precision
+        assert maps[0].dtype == torch.float32 and torch.isfinite(maps[0]).all()
+        assert not torch.equal(maps[0], fp32[0])  # the autocast really ran
+        torch.testing.assert_close(maps[0], fp32[0], rtol=0.05, atol=0.05 * float(fp32[0].abs().max()))
+
+
+def test_unsupported_autocast_dtype_is_a_clear_error(monkeypatch):
+    import contextlib
+
+    import mmcst.engine.infer as infer_module
+
+    with pytest.raises(ValueError, match="infer.precision: expected one of"):
+        infer_module.precision_autocast(torch.device("cpu"), "fp8")
+    # An older torch disables CPU autocast to float16 with a mere warning: the generator must refuse instead.
+    monkeypatch.setattr(infer_module, "precision_autocast", lambda device, precision: contextlib.nullcontext())
+    with pytest.raises(ValueError, match="infer.precision=fp16: torch .* cannot autocast to torch.float16 on cpu"):
+        MapGenerator(torch.nn.Identity(), [1.0], flip=False, refine=False, device=torch.device("cpu"), precision="fp16")
+
+
+def test_precision_is_recorded_and_other_precision_regenerates_maps(run_dir):
+    maps_dir = run_dir / "maps" / "test"
+    options = dict(scales=[1.0], flip=False, refine=False, progress=False, builders=TEST_BUILDERS)
+    result = infer(run_dir, "test", **options)
+    assert result["infer"]["precision"] == "fp32" and result["infer"]["batch_size"] == 3
+    assert json.loads((maps_dir / "settings.json").read_text())["precision"] == "fp32"
+    count = len(list(maps_dir.glob("*.npy")))
+    log = _new_log_lines(run_dir, lambda: infer(run_dir, "test", precision="bf16", evaluate=False, **options))
+    assert "removing them to regenerate all" in log and f"{count} written, 0 valid ones kept" in log
+    assert "bf16, batch 3" in log
+    assert json.loads((maps_dir / "settings.json").read_text())["precision"] == "bf16"
+
+
+def test_batch_size_auto_is_one_on_cpu_and_eight_on_cuda(tmp_path):
+    from mmcst.cli import build_parser
+    from mmcst.config import ConfigError, from_dict
+    from mmcst.engine.infer import resolve_batch_size
+
+    assert from_dict({}).infer.batch_size == "auto" and from_dict({}).infer.precision == "fp32"
+    assert resolve_batch_size("auto", torch.device("cpu")) == 1
+    assert resolve_batch_size("auto", torch.device("cuda")) == 8
+    assert resolve_batch_size(5, torch.device("cpu")) == 5
+    for bad in (0, "8", 2.5, True):
+        with pytest.raises(ValueError, match="infer.batch_size: expected auto or an integer >= 1"):
+            resolve_batch_size(bad, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="infer.batch_size"):
+        from_dict({"infer": {"batch_size": "big"}})
+    with pytest.raises(ConfigError, match="infer.precision"):
+        from_dict({"infer": {"precision": "fp64"}})
+    assert build_parser().parse_args(["infer", "run", "--split", "val", "--precision", "fp16"]).precision == "fp16"
+    # An auto run on CPU: one image per forward.
+    cfg = tiny_config(tmp_path, max_steps=1)
+    cfg.infer.batch_size = "auto"
+    run = train(cfg, progress=False, builders=TEST_BUILDERS)
+    result = infer(run, "test", scales=[1.0], flip=False, refine=False, progress=False, builders=TEST_BUILDERS)
+    assert result["infer"]["batch_size"] == 1 and result["infer"]["written"] == 7

@@ -6,12 +6,15 @@ bilinearly straight to the original H x W, flipped back and summed; absent class
 labels) are dropped; each present class is min-max normalised. Files: ``maps/<split>/<id>.npy``
 (``mmcst.io.save_map``) and, on request, ``pseudo_labels/<split>/<id>.png``.
 
-Images of equal size are batched; valid map files from an earlier (killed) run are kept; under
-``torchrun`` every rank handles a disjoint share of the images.
+Forwards run in float32 by default (``infer.precision``: fp16/bf16 autocast on request). Images of equal
+size are batched (``infer.batch_size``; ``auto`` = 1 on CPU, where a batch-1 loop is as fast or faster, 8 on
+CUDA); valid map files from an earlier (killed) run are kept; under ``torchrun`` every rank handles a
+disjoint share of the images.
 """
 from __future__ import annotations
 
 import json
+import warnings
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -27,12 +30,49 @@ from torch.utils.data import DataLoader, Dataset
 
 from mmcst.data.base import DatasetError
 from mmcst.engine.builders import Builders, dataset_from_config
-from mmcst.engine.distributed import autocast, barrier, init_distributed, is_main_process, memory_format_of, shard
+from mmcst.engine.distributed import barrier, init_distributed, is_main_process, memory_format_of, shard
 from mmcst.engine.rundir import log, setup_logging
 from mmcst.engine.train import model_from_run
 from mmcst.io import MapFileError, atomic_write_json, load_map, save_label_png, save_map
 
 DEFAULT_BG_THRESHOLD = 0.39  # MCTformer's PSA-stage default, "the optimal one obtained for seeds"
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+AUTO_BATCH_SIZE = {"cpu": 1, "cuda": 8}  # infer.batch_size=auto; measurements in the README (performance)
+
+
+def resolve_batch_size(setting: int | str, device: torch.device) -> int:
+    """``infer.batch_size`` for ``device``: ``auto`` = 1 on CPU (batching does not pay off there), 8 on CUDA."""
+    if setting == "auto":
+        return AUTO_BATCH_SIZE.get(device.type, 1)
+    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1:
+        raise ValueError(f"infer.batch_size: expected auto or an integer >= 1, got {setting!r}")
+    return setting
+
+
+def precision_autocast(device: torch.device, precision: str) -> torch.autocast:
+    """The autocast context of a map forward: disabled for fp32 (even inside an enclosing autocast, e.g. a
+    training loop's), else autocast to float16 / bfloat16 on ``device``'s type."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"infer.precision: expected one of {list(PRECISIONS)}, got {precision!r}")
+    if precision == "fp32":
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=PRECISIONS[precision])
+
+
+def check_precision(device: torch.device, precision: str) -> None:
+    """Raise a clear error when this torch cannot autocast to ``precision`` on ``device`` (older torch releases
+    disable CPU autocast to float16 with a warning, which would silently run float32)."""
+    if precision == "fp32":
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with precision_autocast(device, precision):
+            probe = torch.ones(2, 2, device=device)
+            dtype = (probe @ probe).dtype
+    if dtype != PRECISIONS[precision]:
+        alternatives = "fp32 or bf16" if precision == "fp16" else "fp32"
+        raise ValueError(f"infer.precision={precision}: torch {torch.__version__} cannot autocast to "
+                         f"{PRECISIONS[precision]} on {device.type}; use {alternatives}")
 
 
 def map_file_is_valid(path: Path, keys: np.ndarray, height: int, width: int) -> bool:
@@ -152,12 +192,17 @@ class _FirstImages:
 
 
 class MapGenerator:
-    """Multi-scale + flip localization maps for batches of equally sized images."""
+    """Multi-scale + flip localization maps for batches of equally sized images.
+
+    ``precision`` (``infer.precision``): fp32 runs the model without autocast, so attention, correlations and
+    affinities are float32; fp16 / bf16 autocast the forwards (maps and affinities are summed in float32).
+    """
 
     def __init__(self, model: nn.Module, scales: Sequence[float], flip: bool, refine: bool, device: torch.device,
-                 amp: bool = True) -> None:
-        self.model, self.scales, self.flip, self.refine, self.device, self.amp = model, list(scales), flip, refine, \
-            device, amp
+                 precision: str = "fp32") -> None:
+        check_precision(device, precision)
+        self.model, self.scales, self.flip, self.refine, self.device = model, list(scales), flip, refine, device
+        self.precision = precision
         self.memory_format = memory_format_of(model)
         model.to(memory_format=self.memory_format)
         self._warned_no_affinity = False
@@ -185,7 +230,7 @@ class MapGenerator:
             if self.flip:  # an image and its flip share a size: one forward for both
                 scaled = torch.cat([scaled, scaled.flip(-1)])
             scaled = scaled.contiguous(memory_format=self.memory_format)
-            with autocast(self.device, self.amp):
+            with precision_autocast(self.device, self.precision):
                 out = self.model.localize(scaled, need_affinity=self.refine)
             maps = out.maps.float()  # (B or 2B) x C x h x w
             if self.refine:
@@ -238,18 +283,19 @@ def _sum_over_ranks(counts: dict[str, Any]) -> dict[str, Any]:
 MAP_SETTINGS_FILE = "settings.json"
 
 
-def _map_settings(run_dir: Path, scales: Sequence[float], flip: bool, refine: bool) -> dict[str, Any]:
-    """What the maps of a split depend on: test-time options and the checkpoint they were made with."""
+def _map_settings(run_dir: Path, scales: Sequence[float], flip: bool, refine: bool, precision: str
+                  ) -> dict[str, Any]:
+    """What the maps of a split depend on: test-time options, precision and the checkpoint they were made with."""
     stat = (run_dir / "checkpoints" / "last.pth").stat()
-    return {"scales": [float(s) for s in scales], "flip": bool(flip), "refine": bool(refine),
+    return {"scales": [float(s) for s in scales], "flip": bool(flip), "refine": bool(refine), "precision": precision,
             "checkpoint": {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}}
 
 
 def _prepare_maps_dir(maps_dir: Path, settings: dict[str, Any]) -> None:
     """Keep existing map files only when they were made with ``settings``; otherwise remove them.
 
-    Resuming reuses every valid map file, so maps made with other scales, flip or refinement, or with an older
-    checkpoint of the run, must not survive a rerun: they would be silently mixed with new ones.
+    Resuming reuses every valid map file, so maps made with other scales, flip, refinement or precision, or with
+    an older checkpoint of the run, must not survive a rerun: they would be silently mixed with new ones.
     """
     path = maps_dir / MAP_SETTINGS_FILE
     previous = None
@@ -272,7 +318,8 @@ def _prepare_maps_dir(maps_dir: Path, settings: dict[str, Any]) -> None:
 def infer(run_dir: str | Path, split: str, scales: Optional[Sequence[float]] = None, flip: Optional[bool] = None,
           refine: Optional[bool] = None, pseudo_labels: bool = False, bg_threshold: Optional[float] = None,
           evaluate: bool = True, progress: bool = True, max_images: Optional[int] = None, *,
-          device: Optional[str] = None, builders: Optional[Builders] = None) -> dict[str, Any]:
+          precision: Optional[str] = None, device: Optional[str] = None,
+          builders: Optional[Builders] = None) -> dict[str, Any]:
     """Write localization maps (and pseudo-labels) of ``split`` with a trained run; evaluate when GT exists.
 
     Args:
@@ -285,6 +332,7 @@ def infer(run_dir: str | Path, split: str, scales: Optional[Sequence[float]] = N
         evaluate: evaluate the maps when the split has masks (``eval/<split>.json``).
         progress: progress bars (main process).
         max_images: only the first N images (None = ``cfg.infer.max_images``).
+        precision: fp32 | fp16 | bf16 autocast of the forwards (None = ``cfg.infer.precision``).
         device: override the run's ``cfg.device`` (auto | cpu | cuda).
         builders: replace the model/dataset builders (as given to ``train``).
 
@@ -306,6 +354,9 @@ def infer(run_dir: str | Path, split: str, scales: Optional[Sequence[float]] = N
     flip = cfg.infer.flip if flip is None else flip
     refine = cfg.infer.refine if refine is None else refine
     max_images = cfg.infer.max_images if max_images is None else max_images
+    precision = cfg.infer.precision if precision is None else precision
+    batch_size = resolve_batch_size(cfg.infer.batch_size, torch_device)
+    generator = MapGenerator(model, scales, flip, refine, torch_device, precision)
 
     dataset = dataset_from_config(cfg, split, builders)
     if list(dataset.class_names) != class_names:
@@ -317,13 +368,12 @@ def infer(run_dir: str | Path, split: str, scales: Optional[Sequence[float]] = N
     maps_dir = run_dir / "maps" / split
     maps_dir.mkdir(parents=True, exist_ok=True)
     if is_main_process():
-        _prepare_maps_dir(maps_dir, _map_settings(run_dir, scales, flip, refine))
+        _prepare_maps_dir(maps_dir, _map_settings(run_dir, scales, flip, refine, precision))
     barrier()
-    log.info("maps for %d image(s) of %r -> %s (scales %s, flip %s, refine %s, batch %d)", count, split,
-             maps_dir, scales, flip, refine, cfg.infer.batch_size)
+    log.info("maps for %d image(s) of %r -> %s (scales %s, flip %s, refine %s, %s, batch %d)", count, split,
+             maps_dir, scales, flip, refine, precision, batch_size)
 
     my_indices = shard(range(count))
-    generator = MapGenerator(model, scales, flip, refine, torch_device, cfg.train.amp)
     loader = DataLoader(_MapJobs(dataset, my_indices, maps_dir, builders.normalize), batch_size=None,
                         num_workers=cfg.data.num_workers, collate_fn=_identity,
                         pin_memory=torch_device.type == "cuda")
@@ -341,7 +391,6 @@ def infer(run_dir: str | Path, split: str, scales: Optional[Sequence[float]] = N
         while len(pending) > 64:
             pending.pop(0).result()
 
-    batch_size = max(1, cfg.infer.batch_size)
     try:
         for job in tqdm(loader, total=len(my_indices), disable=not (progress and is_main_process()),
                         unit="img", desc=f"maps {split}", dynamic_ncols=True):
@@ -382,7 +431,8 @@ def infer(run_dir: str | Path, split: str, scales: Optional[Sequence[float]] = N
         counts["pseudo_labels"] = count
         counts["bg_threshold"] = threshold
     if result:
-        result["infer"] = {"images": count, "scales": scales, "flip": flip, "refine": refine, **counts}
+        result["infer"] = {"images": count, "scales": scales, "flip": flip, "refine": refine, "precision": precision,
+                           "batch_size": batch_size, **counts}
     return result
 
 
