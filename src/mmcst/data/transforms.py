@@ -5,16 +5,27 @@ same dict with ``image`` float32 ImageNet-normalised and ``mask`` int64 (transfo
 interpolation; area outside the image is 255 = ignore). Training recipes (METHOD.md 5.3):
 
 * ``mctformer``: RandomResizedCrop (scale (min, 1), ratio 3/4-4/3, bicubic) + horizontal flip 0.5 +
-  RandAugment (2 ops, magnitude 9) + normalisation + RandomErasing (p 0.25, per-pixel normal noise),
-  the timm ``create_transform`` pipeline MCTformer trains with;
+  RandAugment + normalisation + RandomErasing (p 0.25, per-pixel normal noise), the timm
+  ``create_transform`` pipeline MCTformer trains with;
 * ``light``: RandomResizedCrop + flip;
 * ``none``: resize to SxS.
+
+RandAugment is timm's own ``rand-m9-mstd0.5-inc1`` (PIL): 2 ops drawn with replacement from timm's 15
+"increasing" ops (AutoContrast, Equalize, Invert, Rotate, PosterizeIncreasing, SolarizeIncreasing, SolarizeAdd,
+Color/Contrast/Brightness/SharpnessIncreasing, ShearX/Y, TranslateX/YRel), each applied with probability 0.5
+at a magnitude drawn from N(9, 0.5) clipped to [0, 10], bicubic with mean-pixel fill. Its sampling is timm's
+code (python ``random`` and numpy's global RNG, which the engine seeds per sample); the only addition is the
+mask: rotate, shear and translate are replayed on it with the sampled arguments, nearest and ignore fill.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
 
+import numpy as np
 import torch
+from PIL import Image
+from timm.data.auto_augment import rand_augment_transform
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
@@ -27,6 +38,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 AUGMENTS = ("mctformer", "light", "none")
 # timm fills the area uncovered by rotate/shear/translate with the dataset mean pixel ("img_mean").
 _IMAGE_FILL = [round(255 * m) for m in IMAGENET_MEAN]
+RANDAUGMENT_CONFIG = "rand-m9-mstd0.5-inc1"  # MCTformer's (DeiT's) --aa default
+# timm's ops that move pixels: replayed on the mask; all others change colours only.
+GEOMETRIC_OPS = frozenset({"Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY", "TranslateXRel", "TranslateYRel"})
 
 
 def normalize(image: torch.Tensor) -> torch.Tensor:
@@ -42,43 +56,85 @@ def denormalize(image: torch.Tensor) -> torch.Tensor:
     return image * std + mean
 
 
-class JointRandAugment(v2.RandAugment):
-    """torchvision's RandAugment, with its geometric ops applied to the mask too.
+@dataclass
+class _JointSample:
+    """What flows through timm's RandAugment in place of a PIL image: the image, its mask, the ops applied."""
 
-    torchvision's ``RandAugment`` refuses masks, so this runs its own op sampling loop (the same as
-    ``RandAugment.forward``) and replays each geometric op on the mask with nearest interpolation and
-    the ignore fill. Photometric ops touch the image only.
+    image: Image.Image
+    mask: Optional[Image.Image]
+    applied: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)
 
-    Differences from timm's ``rand-m9-mstd0.5-inc1`` used by MCTformer: torchvision applies each sampled
-    op always (timm with probability 0.5), uses a fixed magnitude (timm draws it from N(9, 0.5)), has an
-    ``Identity`` op and no ``SolarizeAdd``/``Invert``, and rotates/shears tensors bilinearly (timm: PIL
-    bicubic). ``num_magnitude_bins=11`` puts magnitude 9 at 0.9 of each op's range, timm's m/10 scale.
+
+class _JointOpFunction:
+    """Stands in for a timm ``AugmentOp.aug_fn``: runs timm's function on the image and, for a geometric op,
+    again on the mask with the same sampled arguments, nearest interpolation and the ignore fill."""
+
+    def __init__(self, name: str, function: Callable[..., Image.Image]) -> None:
+        self.name, self.function = name, function
+
+    def __call__(self, sample: _JointSample, *level_args: Any, **kwargs: Any) -> _JointSample:
+        if self.name.startswith("Posterize") and level_args[0] <= 0:
+            # PosterizeIncreasing keeps 0 bits at magnitude 10 (2% of the N(9, 0.5) draws); Pillow >= 11 refuses
+            # 0 bits, the Pillow releases timm was written against returned the all-black image: do that.
+            image = Image.new(sample.image.mode, sample.image.size)
+        else:
+            image = self.function(sample.image, *level_args, **kwargs)
+        mask = sample.mask
+        if mask is not None and self.name in GEOMETRIC_OPS:
+            mask = self.function(mask, *level_args, **{**kwargs, "resample": Image.Resampling.NEAREST,
+                                                       "fillcolor": IGNORE_INDEX})
+        return _JointSample(image, mask, sample.applied + [(self.name, tuple(level_args))])
+
+
+class JointRandAugment:
+    """timm's RandAugment (``rand-m9-mstd0.5-inc1`` by default), with its geometric ops replayed on the mask.
+
+    The transform is timm's own ``rand_augment_transform`` with the hyper-parameters timm's ``create_transform``
+    gives it (bicubic, mean-pixel fill, ``translate_const`` = 0.45 x crop), so op choice, application and
+    magnitude noise are timm's code drawing from python's ``random`` and numpy's global RNGs. Each op's
+    ``aug_fn`` is wrapped so that the image travels together with its mask: a geometric op (rotate, shear,
+    translate) is run a second time on the mask with the arguments just sampled for the image.
     """
 
-    _GEOMETRIC_OPS = frozenset({"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"})
+    def __init__(self, image_size: int = 224, config: str = RANDAUGMENT_CONFIG,
+                 interpolation: Image.Resampling = Image.Resampling.BICUBIC,
+                 ops: Optional[Sequence[str]] = None) -> None:
+        """``ops``: restrict timm's op list to these names (tests); None = the list ``config`` implies."""
+        self.config = config
+        hparams = {"translate_const": int(image_size * 0.45), "img_mean": tuple(_IMAGE_FILL),
+                   "interpolation": interpolation}
+        self.transform = rand_augment_transform(config, hparams, transforms=list(ops) if ops is not None else None)
+        for op in self.transform.ops:
+            op.aug_fn = _JointOpFunction(op.name, op.aug_fn)
 
-    def __init__(self, num_ops: int = 2, magnitude: int = 9, num_magnitude_bins: int = 11) -> None:
-        super().__init__(num_ops=num_ops, magnitude=magnitude, num_magnitude_bins=num_magnitude_bins,
-                         interpolation=InterpolationMode.BILINEAR,
-                         fill={tv_tensors.Image: _IMAGE_FILL, tv_tensors.Mask: IGNORE_INDEX})
+    @property
+    def op_names(self) -> list[str]:
+        return [op.name for op in self.transform.ops]
 
-    def forward(self, image: tv_tensors.Image, mask: Optional[tv_tensors.Mask] = None  # type: ignore[override]
-                ) -> tuple[tv_tensors.Image, Optional[tv_tensors.Mask]]:
-        height, width = F.get_size(image)
-        for _ in range(self.num_ops):
-            op, (magnitudes_fn, signed) = self._get_random_item(self._AUGMENTATION_SPACE)
-            magnitudes = magnitudes_fn(self.num_magnitude_bins, height, width)
-            magnitude = 0.0
-            if magnitudes is not None:
-                magnitude = float(magnitudes[self.magnitude])
-                if signed and torch.rand(()) <= 0.5:
-                    magnitude *= -1
-            image = self._apply_image_or_video_transform(image, op, magnitude, interpolation=self.interpolation,
-                                                         fill=self._fill)
-            if mask is not None and op in self._GEOMETRIC_OPS:
-                mask = self._apply_image_or_video_transform(mask, op, magnitude,
-                                                            interpolation=InterpolationMode.NEAREST, fill=self._fill)
+    def apply(self, image: torch.Tensor, mask: Optional[torch.Tensor] = None
+              ) -> tuple[tv_tensors.Image, Optional[tv_tensors.Mask], list[tuple[str, tuple[Any, ...]]]]:
+        """Augment a uint8 3xHxW image (and its HxW mask); also returns the ops applied with their arguments."""
+        pil_mask = None
+        if mask is not None:
+            values = mask.as_subclass(torch.Tensor)
+            if values.numel() and (int(values.min()) < 0 or int(values.max()) > 255):
+                raise ValueError(f"RandAugment: mask values must be in 0..255, got "
+                                 f"{int(values.min())}..{int(values.max())}")
+            pil_mask = Image.fromarray(values.to(torch.uint8).contiguous().numpy())
+        out = self.transform(_JointSample(F.to_pil_image(image.as_subclass(torch.Tensor)), pil_mask))
+        new_image = tv_tensors.Image(F.pil_to_tensor(out.image))
+        new_mask = None
+        if mask is not None:
+            new_mask = tv_tensors.Mask(torch.from_numpy(np.array(out.mask)).to(mask.dtype))
+        return new_image, new_mask, out.applied
+
+    def __call__(self, image: torch.Tensor, mask: Optional[torch.Tensor] = None
+                 ) -> tuple[tv_tensors.Image, Optional[tv_tensors.Mask]]:
+        image, mask, _ = self.apply(image, mask)
         return image, mask
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r}, ops={self.op_names})"
 
 
 class JointTransform:
@@ -139,7 +195,7 @@ def train_transform(image_size: int, augment: str = "mctformer", rrc_scale_min: 
     if augment == "light":
         return JointTransform(geometric)
     # value="random" fills each erased pixel with N(0, 1) noise in normalised space: timm's mode "pixel".
-    return JointTransform(geometric, JointRandAugment(num_ops=2, magnitude=9),
+    return JointTransform(geometric, JointRandAugment(image_size),
                           v2.RandomErasing(p=0.25, value="random"))
 
 
