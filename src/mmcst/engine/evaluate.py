@@ -23,7 +23,7 @@ from mmcst.io import atomic_write_bytes, atomic_write_json, atomic_write_text, l
 from mmcst.metrics.segmentation import ConfusionMatrix, ThresholdCurve, threshold_grid
 from mmcst.metrics.wsol import PxAPAccumulator, prepare_openimages_map, resize_mask_nearest
 
-__all__ = ["evaluate_maps", "format_result", "write_result"]
+__all__ = ["evaluate_maps", "format_protocol", "format_result", "write_result"]
 
 WSOL_SIZE = 224  # wsolevaluation scores OpenImages at 224 x 224
 _SHOW_MISSING = 5  # ids named in a missing-files error
@@ -47,7 +47,7 @@ def evaluate_maps(
         dataset: a dataset with ``ids``, ``class_names``, ``get_mask(i)``, ``get_labels(i)``, ``has_masks()``
             and ``describe()``; a ``task == "wsol"`` attribute selects the OpenImages metrics.
         eval_cfg: threshold grid and background rule (defaults: ``EvalConfig()``).
-        out: ``X.json`` path; also writes ``X.md`` and ``X_curve.png`` beside it.
+        out: ``X.json`` path; also writes ``X.md``, ``X_curve.png`` and the page ``X.html`` beside it.
         map_format: ``auto`` (``.npy`` if any exists, else ``.png``), ``npy`` or ``png``.
         progress: show a progress bar.
         allow_missing: skip images without a map file (counted in the protocol) instead of failing.
@@ -86,7 +86,7 @@ def evaluate_maps(
     finally:
         bar.close()
     if out is not None:
-        write_result(result, out)
+        write_result(result, out, dataset)
     return result
 
 
@@ -295,19 +295,36 @@ def _fmt(value: Optional[float], digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def format_result(result: dict[str, Any]) -> str:
-    """The protocol and the scores as markdown text (printed by the CLI, saved as ``X.md``)."""
+def format_protocol(result: dict[str, Any]) -> list[str]:
+    """The protocol of a result as markdown list items (in ``X.md`` and in ``X.html``)."""
     p = result["protocol"]
     lines = [
-        f"- dataset: {p['dataset']}, split {p['split']}" + (f" (split file {p['split_file']})" if p.get("split_file") else ""),
+        f"- dataset: {p['dataset']}, split {p['split']}" + (f" (split file `{p['split_file']}`)" if p.get("split_file") else ""),
         f"- images: {p['num_images']}" + (f" ({p['num_missing']} without a map file skipped)" if p.get("num_missing") else ""),
-        f"- maps: {p['map_dir']} ({p['map_format']})",
+        f"- maps: `{p['map_dir']}` ({p['map_format']})",
     ]
     if "pxap" in result:
-        lines += [
+        return lines + [
             f"- score map: {p['map_key']}; {p['score_map']}",
             f"- ground truth: {p['gt_mask']}",
             f"- thresholds: np.arange(0, 1, {p['threshold_step']}) ({p['num_thresholds']}), bins {p['bins']}",
+        ]
+    if p["map_format"] == "png":
+        return lines + ["- label maps evaluated as they are (no threshold)"]
+    start, stop, step = p["grid"]
+    background = "constant plane t" if p["bg_rule"] == "constant" else f"power rule (1 - max)^{p['bg_power']} and constant plane t"
+    return lines + [
+        f"- map key: {p['map_key']}; background: {background}; ties -> {p['ties']}; compared in {p['compare_dtype']}",
+        f"- thresholds: {start:g} to {stop:g} step {step:g} ({p['num_thresholds']})",
+        f"- mIoU: mean over {p['num_classes']} classes (background included), {p['miou_mean']}",
+    ]
+
+
+def format_result(result: dict[str, Any]) -> str:
+    """The protocol and the scores as markdown text (printed by the CLI, saved as ``X.md``)."""
+    lines = format_protocol(result)
+    if "pxap" in result:
+        lines += [
             "",
             "| metric | value | threshold |",
             "|---|---|---|",
@@ -317,16 +334,10 @@ def format_result(result: dict[str, Any]) -> str:
         return "\n".join(lines) + "\n"
 
     best = result["best"]
-    if p["map_format"] == "png":
-        lines += ["- label maps evaluated as they are (no threshold)", "", "| | mIoU |", "|---|---|",
-                  f"| label maps | {_fmt(best['miou'])} |"]
+    if result["protocol"]["map_format"] == "png":
+        lines += ["", "| | mIoU |", "|---|---|", f"| label maps | {_fmt(best['miou'])} |"]
     else:
-        start, stop, step = p["grid"]
-        background = "constant plane t" if p["bg_rule"] == "constant" else f"power rule (1 - max)^{p['bg_power']} and constant plane t"
         lines += [
-            f"- map key: {p['map_key']}; background: {background}; ties -> {p['ties']}; compared in {p['compare_dtype']}",
-            f"- thresholds: {start:g} to {stop:g} step {step:g} ({p['num_thresholds']})",
-            f"- mIoU: mean over {p['num_classes']} classes (background included), {p['miou_mean']}",
             "",
             "| | threshold | mIoU |",
             "|---|---|---|",
@@ -346,15 +357,23 @@ def format_result(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_result(result: dict[str, Any], out: str | Path) -> None:
-    """Write ``X.json``, ``X.md`` and ``X_curve.png`` (each atomically) for ``out = X.json``."""
+def write_result(result: dict[str, Any], out: str | Path, dataset: Any = None) -> None:
+    """Write ``X.json``, ``X.md``, ``X_curve.png`` and ``X.html`` (each atomically) for ``out = X.json``.
+
+    With ``dataset`` (the one evaluated), the HTML page also shows its first images with their maps.
+    """
+    from mmcst.report import eval_report, write_report
+
     out = Path(out)
     if out.suffix != ".json":
         raise ValueError(f"out must name a .json file, got {out}")
     atomic_write_json(out, result)
     atomic_write_text(out.with_suffix(".md"), f"# Evaluation: {out.stem}\n\n{format_result(result)}")
-    if "miou_curve" in result or "iou_curve" in result:
-        atomic_write_bytes(out.with_name(f"{out.stem}_curve.png"), _curve_png(result))
+    curve = _curve_png(result) if "miou_curve" in result or "iou_curve" in result else None
+    if curve is not None:
+        atomic_write_bytes(out.with_name(f"{out.stem}_curve.png"), curve)
+    report = eval_report(result, f"Evaluation: {out.stem}", "\n".join(format_protocol(result)), dataset, curve)
+    write_report(report, html_path=out.with_suffix(".html"))
 
 
 def _curve_png(result: dict[str, Any]) -> bytes:
