@@ -1,17 +1,30 @@
 """Distributed training and inference on CPU (gloo): two processes set up from torchrun's environment variables."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pytest
 import torch
 import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 
-from engine_helpers import TEST_BUILDERS, ddp_worker, free_port, state_of, tiny_config
+import mmcst.engine.evaluate
+import mmcst.engine.infer
+import mmcst.engine.train
+from engine_helpers import TEST_BUILDERS, builders_with, ddp_worker, free_port, state_of, tiny_config
+from mmcst.cli import main
+from mmcst.config import from_dict
 from mmcst.engine.infer import infer
 from mmcst.engine.train import train
 from mmcst.io import load_map
+from mmcst.models.registry import build_model
 
 
 def test_two_processes_end_with_identical_weights_equal_to_one_process(tmp_path):
@@ -55,3 +68,61 @@ def test_two_processes_end_with_identical_weights_equal_to_one_process(tmp_path)
     for name, (keys, cam) in single_maps.items():
         np.testing.assert_array_equal(keys, sharded[name][0])
         np.testing.assert_allclose(cam, sharded[name][1], atol=2e-3)
+
+
+def tiny_vit_worker(rank: int, world: int, port: int, cfg_dict: dict[str, Any], out_dir: str) -> None:
+    """A ``torchrun``-like process training a tiny MMCST; records its warnings and its console output."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    console = io.StringIO()
+    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stderr(console):
+        warnings.simplefilter("always")
+        train(from_dict(cfg_dict), progress=False, builders=builders_with(build_model))
+    record = {"warnings": [str(w.message) for w in caught], "console": console.getvalue()}
+    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(record))
+
+
+def test_ddp_training_of_a_token_vit_needs_no_gradient_copy(tmp_path):
+    """Every parameter's gradient fits its DDP bucket view: no per-step copy, no reducer warning.
+
+    The patch position embedding used to keep the batch stride of the timm tensor it was sliced from.
+    """
+    cfg = tiny_config(tmp_path, name="vit", max_steps=2)
+    cfg.model.name = "mmcst"
+    backbone = cfg.model.backbone
+    backbone.name, backbone.embed_dim, backbone.depth, backbone.num_heads = "vit_base_patch16_224", 64, 2, 2
+    backbone.patch_size, backbone.img_size, backbone.drop_path_rate = 8, cfg.data.image_size, 0.0
+    cfg.model.prior.kind = "none"
+    cfg_dict = OmegaConf.to_container(OmegaConf.structured(cfg))
+    out = tmp_path / "records"
+    out.mkdir()
+    mp.start_processes(tiny_vit_worker, args=(2, free_port(), cfg_dict, str(out)), nprocs=2, join=True,
+                       start_method="spawn")
+    records = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    for rank, record in enumerate(records):
+        stride_warnings = [w for w in record["warnings"] if "Grad strides do not match bucket view" in w]
+        assert not stride_warnings, (rank, stride_warnings)
+    # INFO logging (run directory, the end-of-training line) comes from rank 0 only
+    assert "run directory" in records[0]["console"] and "training finished" in records[0]["console"]
+    assert " INFO " not in records[1]["console"], records[1]["console"]
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_cli_prints_results_on_rank_zero_only(rank, tmp_path, monkeypatch, capsys):
+    """Under ``torchrun`` every rank runs the command; only rank 0 prints the run directory and the results."""
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    calls = []
+    monkeypatch.setattr(mmcst.engine.train, "train", lambda cfg, **kwargs: calls.append("train") or tmp_path / "run")
+    monkeypatch.setattr(mmcst.engine.infer, "infer", lambda *args, **kwargs: calls.append("infer") or {"miou": 0.5})
+    monkeypatch.setattr(mmcst.engine.evaluate, "format_result", lambda result: f"mIoU {result['miou']}")
+    config = Path(__file__).resolve().parents[1] / "configs" / "voc" / "mmcst.yaml"
+    assert main(["train", str(config), "--no-progress"]) == 0
+    assert main(["infer", str(tmp_path / "run"), "--split", "train", "--no-progress"]) == 0
+    assert calls == ["train", "infer"]
+    printed = capsys.readouterr().out
+    if rank == 0:
+        assert printed.splitlines() == [f"run directory: {tmp_path / 'run'}", "mIoU 0.5"]
+    else:
+        assert printed == ""

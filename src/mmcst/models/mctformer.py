@@ -41,6 +41,9 @@ def build_token_vit(backbone: Any, prefix_groups: Sequence[tuple[str, int]]) -> 
         drop_path_rate=backbone.drop_path_rate,
         weights=backbone.weights,
         pos_embed_init=backbone.pos_embed_init,
+        stem=getattr(backbone, "stem", "patch"),
+        stem_widths=getattr(backbone, "stem_widths", None),
+        pos_embed_resize=getattr(backbone, "pos_embed_resize", "timm"),
     )
 
 
@@ -109,15 +112,19 @@ def init_class_tokens(vit: TokenViT, num_classes: int, std: Optional[float] = No
     """C x D class tokens: copies of the checkpoint's [CLS] token (MCTformer's initialisation), or with ``std``
     distinct N(0, std^2) vectors.
 
-    The copies suit a pretrained backbone. From random weights timm's [CLS] starts at std 1e-6, so the copies are
-    C identical, nearly zero tokens: the token-to-patch correlations start at ~0 for every class and the classes
-    separate only as fast as Adam can grow each token (measured on the demo data: MMCST could not fit one batch of
-    32 images in 60 steps; with std 0.3 its loss halved). ``model.backbone.token_init_std`` selects the random start.
+    The copies suit a pretrained backbone. With random weights there is no trained [CLS] to copy (timm starts its
+    own at std 1e-6, so copies would be C identical, nearly zero tokens whose correlations with every patch start
+    at ~0): the tokens keep MCTformer's own initialisation before it loads a checkpoint, distinct
+    trunc-normal(std 0.02) vectors. ``model.backbone.token_init_std`` selects another random start.
     """
     if std is not None:
         if std <= 0:
             raise ValueError(f"model.backbone.token_init_std: expected a positive std or null, got {std}")
         return nn.Parameter(torch.randn(num_classes, vit.embed_dim) * std)
+    if vit.weight_report is None:
+        tokens = torch.empty(num_classes, vit.embed_dim)
+        nn.init.trunc_normal_(tokens, std=0.02)
+        return nn.Parameter(tokens)
     cls = vit.pretrained_cls.detach().float().reshape(-1)
     return nn.Parameter(cls.unsqueeze(0).repeat(num_classes, 1).clone())
 

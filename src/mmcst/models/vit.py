@@ -10,13 +10,15 @@ are computed from the q/k the block itself produced, and the block output stays 
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import timm
 import torch
-from timm.layers import resample_abs_pos_embed
+import torch.nn.functional as F
+from timm.layers import ConvNormAct, HybridEmbed, resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -24,6 +26,8 @@ from torch.utils.checkpoint import checkpoint
 from mmcst.models.weights import WeightReport, load_vit_checkpoint
 
 POS_EMBED_INIT = ("bicubic", "replicate")
+POS_EMBED_RESIZE = ("timm", "official")
+STEMS = ("patch", "conv")
 
 
 @dataclass
@@ -62,6 +66,71 @@ def resize_patch_pos_embed(pos_embed: Tensor, old_grid: Sequence[int], new_grid:
     return resample_abs_pos_embed(pos_embed, new_size=[new_h, new_w], old_size=[old_h, old_w], num_prefix_tokens=0)
 
 
+def resize_patch_pos_embed_official(pos_embed: Tensor, old_grid: Sequence[int], new_grid: Sequence[int]) -> Tensor:
+    """Resize patch pos-embeds ``1 x (h*w) x D`` as MCTformer's (and DINO's) ``interpolate_pos_encoding`` does.
+
+    Plain bicubic (no antialias) given a *scale factor* of ``(new + 0.1) / old`` per axis rather than an output
+    size: the output is still ``new_grid``, but torch maps output to input coordinates with that factor, so the
+    values differ from a resize to ``new_grid`` (and from timm's antialiased one). Needed to reproduce the maps
+    of the official MCTformer checkpoints (``model.backbone.pos_embed_resize=official``).
+    """
+    old_h, old_w = int(old_grid[0]), int(old_grid[1])
+    new_h, new_w = int(new_grid[0]), int(new_grid[1])
+    dim = pos_embed.shape[-1]
+    if pos_embed.shape[-2] != old_h * old_w:
+        raise ValueError(f"patch pos-embed has {pos_embed.shape[-2]} entries, expected {old_h}x{old_w}")
+    grid = pos_embed.reshape(1, old_h, old_w, dim).permute(0, 3, 1, 2)
+    resized = F.interpolate(grid, scale_factor=((new_h + 0.1) / old_h, (new_w + 0.1) / old_w), mode="bicubic",
+                            align_corners=False)
+    if tuple(resized.shape[-2:]) != (new_h, new_w):  # the 0.1 exists to keep floor(old * factor) == new
+        raise RuntimeError(f"official pos-embed resize {old_h}x{old_w} -> {new_h}x{new_w} gave "
+                           f"{tuple(resized.shape[-2:])}")
+    return resized.permute(0, 2, 3, 1).reshape(1, new_h * new_w, dim)
+
+
+def conv_stem_widths(stride: int, widths: Optional[Sequence[int]] = None) -> list[int]:
+    """Channel widths of a stride-``stride`` convolutional stem: one 3x3 stride-2 convolution per halving.
+
+    ``widths`` given: checked against the number of halvings; None: 32, 64, 128, ... (doubling).
+    """
+    if stride < 2 or stride & (stride - 1):
+        raise ValueError(f"model.backbone.stem=conv: the patch size (the stem's stride) must be a power of two >= 2, "
+                         f"got {stride}")
+    count = stride.bit_length() - 1
+    if widths is None:
+        return [32 * 2 ** i for i in range(count)]
+    widths = [int(w) for w in widths]
+    if len(widths) != count or any(w < 1 for w in widths):
+        raise ValueError(f"model.backbone.stem_widths: a stride-{stride} stem has {count} stride-2 convolutions, "
+                         f"expected {count} positive widths, got {widths}")
+    return widths
+
+
+class ConvStem(nn.Sequential):
+    """3x3 stride-2 convolution + BatchNorm + ReLU, once per halving (timm ``ConvNormAct`` layers).
+
+    Feeding the transformer blocks with a small CNN's features (as timm's hybrid ViTs do through
+    ``HybridEmbed``) gives the patch tokens a convolutional inductive bias: from random weights they learn
+    far faster per step than a linear patch embedding (DESIGN.md 7).
+    """
+
+    def __init__(self, in_chans: int, widths: Sequence[int]) -> None:
+        layers = []
+        for width in widths:
+            layers.append(ConvNormAct(in_chans, width, kernel_size=3, stride=2, padding=1))
+            in_chans = width
+        super().__init__(*layers)
+        self.num_features = in_chans
+
+
+def _conv_stem_embed(widths: Sequence[int], *, img_size: Any, patch_size: Any, in_chans: int = 3,
+                     embed_dim: int = 768, bias: bool = True, dynamic_img_pad: bool = False, **kwargs: Any) -> HybridEmbed:
+    """timm ``embed_layer`` factory: a :class:`ConvStem` of total stride ``patch_size`` + a 1x1 projection to D."""
+    del patch_size  # the stem's stride is the patch size; its features are projected 1x1
+    return HybridEmbed(ConvStem(in_chans, widths), img_size=img_size, patch_size=1, in_chans=in_chans,
+                       embed_dim=embed_dim, bias=bias, dynamic_img_pad=dynamic_img_pad, **kwargs)
+
+
 class TokenViT(nn.Module):
     """A timm ViT whose single ``[CLS]`` is replaced by named groups of extra tokens.
 
@@ -74,20 +143,40 @@ class TokenViT(nn.Module):
         drop_path_rate: stochastic depth.
         weights: local DINO ``.pth`` / timm ``.safetensors`` / ``.bin`` file, or None for random init.
         pos_embed_init: how checkpoint patch pos-embeds are resized to the training grid.
+        pos_embed_resize: how patch pos-embeds are resized at run time for other input sizes: ``timm``
+            (antialiased bicubic to the grid) or ``official`` (:func:`resize_patch_pos_embed_official`).
+        stem: ``patch`` (the ViT's linear patch embedding) or ``conv`` (:class:`ConvStem` of stride
+            ``patch_size`` feeding the blocks, for training from random weights).
+        stem_widths: channel widths of the conv stem (None: 32, 64, ...).
     """
 
     def __init__(self, name: str = "vit_base_patch16_224", prefix_groups: Sequence[tuple[str, int]] = (("cls", 1),),
                  img_size: int | tuple[int, int] = 224, patch_size: Optional[int] = None,
                  embed_dim: Optional[int] = None, depth: Optional[int] = None, num_heads: Optional[int] = None,
-                 drop_path_rate: float = 0.0, weights: Optional[str] = None, pos_embed_init: str = "bicubic") -> None:
+                 drop_path_rate: float = 0.0, weights: Optional[str] = None, pos_embed_init: str = "bicubic",
+                 stem: str = "patch", stem_widths: Optional[Sequence[int]] = None,
+                 pos_embed_resize: str = "timm") -> None:
         super().__init__()
         self.groups: list[tuple[str, int]] = _check_groups(prefix_groups)
         self.num_prefix: int = sum(n for _, n in self.groups)
         if pos_embed_init not in POS_EMBED_INIT:
             raise ValueError(f"model.backbone.pos_embed_init: expected one of {list(POS_EMBED_INIT)}, got {pos_embed_init!r}")
         self.pos_embed_init = pos_embed_init
+        if pos_embed_resize not in POS_EMBED_RESIZE:
+            raise ValueError(f"model.backbone.pos_embed_resize: expected one of {list(POS_EMBED_RESIZE)}, "
+                             f"got {pos_embed_resize!r}")
+        self.pos_embed_resize = pos_embed_resize
         overrides = {k: v for k, v in dict(patch_size=patch_size, embed_dim=embed_dim, depth=depth,
                                            num_heads=num_heads).items() if v is not None}
+        if stem not in STEMS:
+            raise ValueError(f"model.backbone.stem: expected one of {list(STEMS)}, got {stem!r}")
+        self.stem = stem
+        if stem == "conv":
+            if weights is not None:
+                raise ValueError("model.backbone.stem=conv trains the ViT from random weights; pretrained DINO/timm "
+                                 f"weights ({weights}) fit the plain patch embedding (stem=patch)")
+            stride = patch_size if patch_size is not None else _timm_patch_size(name)
+            overrides["embed_layer"] = functools.partial(_conv_stem_embed, conv_stem_widths(stride, stem_widths))
         try:
             base = timm.create_model(name, pretrained=False, num_classes=0, img_size=img_size,
                                      drop_path_rate=drop_path_rate, dynamic_img_size=True, **overrides)
@@ -104,7 +193,8 @@ class TokenViT(nn.Module):
         self.embed_dim: int = int(base.embed_dim)
         self.depth: int = len(base.blocks)
         self.num_heads: int = int(base.blocks[0].attn.num_heads)
-        patch = tuple(base.patch_embed.patch_size)
+        # A conv stem's stride is its feature ratio (HybridEmbed's own patch size is its 1x1 projection).
+        patch = tuple(base.patch_embed.feat_ratio(as_scalar=False))
         if patch[0] != patch[1]:
             raise ValueError(f"model.backbone: non-square patches {patch} are not supported")
         self.patch_size: int = int(patch[0])
@@ -120,7 +210,11 @@ class TokenViT(nn.Module):
         self._ckpt_has_class_slot = base.cls_token is not None and not base.no_embed_class
         full_pos = base.pos_embed.detach()
         slots = 1 if self._ckpt_has_class_slot else 0
-        self.pos_embed = nn.Parameter(full_pos[:, slots:].clone())  # 1 x N_p x D at the native grid
+        # 1 x N_p x D at the native grid. The slice keeps timm's batch stride ((1 + N_p) * D), which
+        # is_contiguous() ignores for a size-1 dim, so .clone()/.contiguous() would keep it too; the
+        # gradients arrive with packed strides, and DDP's bucket view (built from the parameter's
+        # strides) would then need a copy on every step. Hence an explicitly packed copy.
+        self.pos_embed = nn.Parameter(full_pos[:, slots:].clone(memory_format=torch.contiguous_format))
         class_pos = full_pos[0, 0] if slots else torch.zeros(self.embed_dim)
         self.prefix_pos = nn.ParameterDict(
             {g: nn.Parameter(class_pos.expand(n, -1).clone()) for g, n in self.groups})
@@ -205,22 +299,26 @@ class TokenViT(nn.Module):
     # ------------------------------------------------------------------------------------------
     # forward
 
-    def patch_pos_embed(self, grid: tuple[int, int]) -> Tensor:
-        """Patch pos-embeds ``1 x h*w x D`` for ``grid``, bicubic from the native grid.
+    def patch_pos_embed(self, grid: tuple[int, int], square_input: bool = True) -> Tensor:
+        """Patch pos-embeds ``1 x h*w x D`` for ``grid``, bicubic from the native grid (``pos_embed_resize``).
 
+        ``official`` keeps the native pos-embeds only for a square input at the native grid, as MCTformer
+        does: a non-square input whose grid is native (e.g. 224 x 230 px) is still resampled.
         Resized copies are cached per (grid, device, dtype) when no gradient flows to them
         (inference); the cache is invalidated whenever the parameter changes.
         """
-        if tuple(grid) == self.grid_size:
+        official = self.pos_embed_resize == "official"
+        if tuple(grid) == self.grid_size and (square_input or not official):
             return self.pos_embed
+        resize = resize_patch_pos_embed_official if official else resize_patch_pos_embed
         if torch.is_grad_enabled() and self.pos_embed.requires_grad:
-            return resize_patch_pos_embed(self.pos_embed, self.grid_size, grid)
+            return resize(self.pos_embed, self.grid_size, grid)
         key = (tuple(grid), self.pos_embed.device, self.pos_embed.dtype)
         version = self.pos_embed._version
         hit = self._pos_cache.get(key)
         if hit is None or hit[0] != version:
             with torch.no_grad():
-                hit = (version, resize_patch_pos_embed(self.pos_embed, self.grid_size, grid))
+                hit = (version, resize(self.pos_embed, self.grid_size, grid))
             self._pos_cache[key] = hit
         return hit[1]
 
@@ -241,7 +339,8 @@ class TokenViT(nn.Module):
         if h == 0 or w == 0:
             raise ValueError(f"input {tuple(images.shape[-2:])} is smaller than one {p}x{p} patch")
         patches = self.patch_embed(images[..., : h * p, : w * p])  # B x h x w x D
-        patches = patches.reshape(batch, h * w, -1) + self.patch_pos_embed((h, w))
+        patches = patches.reshape(batch, h * w, -1) + self.patch_pos_embed(
+            (h, w), square_input=images.shape[-2] == images.shape[-1])
         x = torch.cat([self._prefix_tokens(prefix, batch), patches], dim=1)
         x = self.norm_pre(self.pos_drop(x))
 
@@ -289,6 +388,12 @@ class TokenViT(nn.Module):
                 raise ValueError(f"attention layer {layer} out of range for a {self.depth}-block ViT")
             resolved.add(index)
         return resolved
+
+
+def _timm_patch_size(name: str) -> int:
+    """The patch size of timm architecture ``name`` (its pretrained config's input over its grid)."""
+    model = timm.create_model(name, pretrained=False, num_classes=0, depth=1)
+    return int(model.patch_embed.patch_size[0])
 
 
 def _check_groups(prefix_groups: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
