@@ -253,11 +253,22 @@ def test_cam_rejects_bad_output_stride() -> None:
 
 
 @pytest.mark.parametrize("name", ["mmcst", "mctformer"])
-def test_class_token_init_copies_cls_or_draws_distinct_tokens(name: str) -> None:
+def test_class_token_init_copies_cls_or_draws_distinct_tokens(name: str, tmp_path: Path) -> None:
     extra = {"mctformer": {"layer_index": 2}} if name == "mctformer" else {}
+    # Random weights: no trained [CLS] to copy; MCTformer's own trunc-normal(0.02) start, distinct per class.
     default = build(model_config(name, **extra))
-    cls = default.vit.pretrained_cls.detach().reshape(-1)
-    assert torch.equal(default.class_tokens.detach(), cls.expand_as(default.class_tokens))  # C copies of [CLS]
+    tokens = default.class_tokens.detach()
+    assert abs(float(tokens.std()) - 0.02) < 0.005 and float(tokens.abs().max()) < 0.1
+    assert float(torch.cdist(tokens, tokens).add(torch.eye(len(tokens)) * 1e3).min()) > 0.05
+    # Pretrained weights: C copies of the checkpoint's [CLS] (MCTformer's initialisation).
+    reference = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, img_size=64,
+                                  embed_dim=64, depth=2, num_heads=2)
+    state = reference.state_dict()
+    state["cls_token"] = torch.randn(1, 1, 64)
+    torch.save(state, tmp_path / "vit.pth")
+    copied = build(model_config(name, backbone={"weights": str(tmp_path / "vit.pth")}, **extra))
+    cls = state["cls_token"].reshape(-1)
+    assert torch.equal(copied.class_tokens.detach(), cls.expand_as(copied.class_tokens))
     drawn = build(model_config(name, backbone={"token_init_std": 0.3}, **extra))
     tokens = drawn.class_tokens.detach()
     assert tokens.shape == default.class_tokens.shape

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+
 from engine_helpers import TEST_BUILDERS, TinyNet, builders_with, tiny_config
 from mmcst.engine.train import train
 
@@ -28,3 +30,24 @@ def test_budget_limited_run_anneals_to_min_lr(tmp_path):
     # Without the budget-driven schedule the lr would still be ~base after <7% of the steps.
     assert final < cfg.train.min_lr + 0.2 * (base - cfg.train.min_lr)
     assert lrs == sorted(lrs, reverse=True)
+
+
+def test_budget_limited_run_shows_a_bar_of_seconds(tmp_path, monkeypatch):
+    """The bar counts the budget in seconds (not the 3,000 scheduled steps) and names the steps done."""
+    import tqdm
+
+    bars = []
+
+    class RecordingBar(tqdm.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    monkeypatch.setattr(tqdm, "tqdm", RecordingBar)
+    cfg = tiny_config(tmp_path, epochs=1000, time_budget_s=0.5, warmup_epochs=0.0, log_every=1)
+    run = train(cfg, progress=True, builders=builders_with(lambda model_cfg, names: SlowNet(names)))
+    steps = json.loads((run / "summary.json").read_text())["steps"]
+    bar = next(b for b in bars if b.desc.startswith(cfg.name))
+    assert bar.unit == "s" and bar.total == 0.5
+    assert bar.n == pytest.approx(0.5)  # stopped by the budget: the bar is full, whatever the step count
+    assert bar.desc == f"{cfg.name} step {steps}" and 0 < steps < 200

@@ -14,9 +14,9 @@ from engine_helpers import (
 from mmcst.config import ConfigError, TrainConfig, load_config
 from mmcst.data.base import DatasetError
 from mmcst.engine.train import (
-    NonFiniteLossError, ResumableBatchSampler, average_precision, build_optimizer, lr_at, mean_average_precision,
-    model_from_run, parameter_groups, train,
+    NonFiniteLossError, ResumableBatchSampler, build_optimizer, lr_at, model_from_run, parameter_groups, train,
 )
+from mmcst.metrics.classification import average_precision, mean_average_precision
 
 
 def test_train_writes_run_directory(tmp_path):

@@ -1,8 +1,8 @@
 """Training loop: resumable sampling, AdamW with warm-up + cosine schedule, bf16 autocast, DDP, atomic checkpoints.
 
 ``train(cfg)`` writes ``<out_dir>/<name>/`` (see :mod:`mmcst.engine.rundir`) and returns it. The model is
-whatever ``cfg.model.name`` builds; the engine only calls ``forward``, ``loss``, ``classify`` and
-``no_weight_decay`` (``mmcst.models.base``). ``train(cfg, resume=True)`` continues from
+whatever ``cfg.model.name`` builds; the engine only calls ``forward``, ``loss``, ``classify``,
+``no_weight_decay`` and the optional hooks of ``mmcst.models.base``. ``train(cfg, resume=True)`` continues from
 ``checkpoints/last.pth`` so that an interrupted run ends with the weights an uninterrupted one would have.
 """
 from __future__ import annotations
@@ -33,6 +33,7 @@ from mmcst.engine.rundir import (
     MetricsWriter, file_log, log, make_run_dirs, run_directory, setup_logging, write_config, write_env,
 )
 from mmcst.io import atomic_save_torch, atomic_write_json
+from mmcst.metrics.classification import CHANCE_MARGIN, at_chance, chance_map, mean_average_precision
 
 CHECKPOINT_FORMAT = "mmcst-checkpoint-v1"
 
@@ -114,15 +115,18 @@ class TrainSamples(Dataset):  # type: ignore[type-arg]
 
     With ``skip_bad`` a :class:`DatasetError` while loading returns ``{"skipped": message}``, which
     :func:`collate` drops from the batch. With ``cache`` decoded samples stay in memory (per loading
-    process: meant for small datasets).
+    process: meant for small datasets). ``extras`` (``{name: {image id: tensor}}``, the model's
+    ``training_extras``) adds each image's entries to its sample, so they follow the sampler's order.
     """
 
-    def __init__(self, dataset: Any, transform: Any, seed: int, skip_bad: bool, cache: bool = False) -> None:
+    def __init__(self, dataset: Any, transform: Any, seed: int, skip_bad: bool, cache: bool = False,
+                 extras: Optional[dict[str, dict[str, torch.Tensor]]] = None) -> None:
         self.dataset = dataset
         self.transform = transform
         self.seed = seed
         self.skip_bad = skip_bad
         self.cache: Optional[dict[int, dict[str, Any]]] = {} if cache else None
+        self.extras = extras or {}
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -140,7 +144,13 @@ class TrainSamples(Dataset):  # type: ignore[type-arg]
             if self.cache is not None:
                 self.cache[index] = sample
         with seeded_rng(sample_seed(self.seed, epoch, index)):
-            return self.transform(sample)
+            out = self.transform(sample)
+        for name, table in self.extras.items():
+            value = table.get(str(sample["id"]))
+            if value is None:
+                raise KeyError(f"the model's per-image input {name!r} has no entry for training image {sample['id']!r}")
+            out[name] = value
+        return out
 
 
 def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -211,32 +221,6 @@ def build_optimizer(model: nn.Module, train_cfg: TrainConfig, steps_per_epoch: i
 # classification mAP monitor
 
 
-def average_precision(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Per-class average precision (mean precision at the rank of each positive); NaN without positives.
-
-    Args:
-        scores: N x C classifier scores.
-        targets: N x C multi-hot labels.
-    """
-    scores = np.asarray(scores, dtype=np.float64)
-    targets = np.asarray(targets, dtype=np.float64) > 0
-    order = np.argsort(-scores, axis=0, kind="stable")
-    hits = np.take_along_axis(targets, order, axis=0)
-    precision = np.cumsum(hits, axis=0) / np.arange(1, len(scores) + 1)[:, None]
-    positives = hits.sum(axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(positives > 0, (precision * hits).sum(axis=0) / positives, np.nan)
-
-
-def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
-    """Mean AP over classes with positives; images without any label are left out (as MCTformer)."""
-    targets = np.asarray(targets)
-    labelled = targets.sum(axis=1) > 0
-    if not labelled.any():
-        return float("nan")
-    return float(np.nanmean(average_precision(np.asarray(scores)[labelled], targets[labelled])))
-
-
 class _ValSamples(Dataset):  # type: ignore[type-arg]
     """Whole images resized to the training size (the monitor batches them), normalised."""
 
@@ -263,8 +247,9 @@ class _ValSamples(Dataset):  # type: ignore[type-arg]
 
 @torch.inference_mode()
 def classification_map(model: nn.Module, dataset: Any, cfg: Config, builders: Builders, device: torch.device,
-                       batch_size: int) -> float:
-    """Classification mAP of ``model.classify`` on ``dataset`` (sharded over ranks, gathered)."""
+                       batch_size: int) -> tuple[float, float]:
+    """Classification mAP of ``model.classify`` on ``dataset`` (sharded over ranks, gathered), and the mAP a
+    random ranking of the same labels is expected to reach (``chance_map``)."""
     samples = _ValSamples(dataset, shard(range(len(dataset))), builders.normalize, cfg.data.image_size,
                           cfg.data.skip_bad)
     loader = DataLoader(samples, batch_size=batch_size, num_workers=cfg.data.num_workers, collate_fn=collate,
@@ -290,7 +275,7 @@ def classification_map(model: nn.Module, dataset: Any, cfg: Config, builders: Bu
         gathered: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, local)
         local = (np.concatenate([g[0] for g in gathered]), np.concatenate([g[1] for g in gathered]))
-    return mean_average_precision(*local)
+    return mean_average_precision(*local), chance_map(local[1])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -356,6 +341,7 @@ class _Trainer:
 
     def __init__(self, cfg: Config, resume: bool, progress: bool, builders: Builders, device: torch.device) -> None:
         self.cfg = cfg
+        self.config_yaml = to_yaml(cfg)  # once: every checkpoint stores it, and rendering it is not cheap
         self.progress = progress
         self.builders = builders
         self.device = device
@@ -372,6 +358,10 @@ class _Trainer:
         checkpoint = load_checkpoint(self.last_path) if resume and self.last_path.is_file() else None
         if resume and checkpoint is None:
             log.info("resume: no checkpoint in %s, starting from scratch", self.ckpt_dir)
+        if checkpoint is not None and "optimizer" not in checkpoint:
+            source = checkpoint.get("imported_from", {}).get("path", "another code base")
+            raise ValueError(f"{self.last_path}: holds model weights only (imported from {source}): there is no "
+                             "training state to resume")
         if checkpoint is not None:
             self._warn_config_changes(config_from_checkpoint(checkpoint, self.last_path))
         if cfg.train.deterministic:
@@ -398,10 +388,11 @@ class _Trainer:
             cfg.train.epochs * self.steps_per_epoch
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg.train, self.steps_per_epoch,
                                                          self.total_steps, self.device)
+        extras = self._training_extras()
         workers = cfg.data.num_workers
         self.loader = DataLoader(
             TrainSamples(self.dataset, builders.train_transform(cfg.data), cfg.seed, cfg.data.skip_bad,
-                         cfg.data.cache_images),
+                         cfg.data.cache_images, extras),
             batch_sampler=self.sampler, num_workers=workers, collate_fn=collate,
             pin_memory=self.device.type == "cuda", worker_init_fn=seed_worker, persistent_workers=workers > 0,
             # A private generator: creating a loader iterator must not consume the global RNG (exact resume).
@@ -414,6 +405,9 @@ class _Trainer:
         self.elapsed = 0.0  # training seconds, summed over resumed attempts
         self.skipped: list[str] = []
         self.val_map: Optional[float] = None
+        self.val_chance: Optional[float] = None  # the mAP a random ranking reaches on the validation labels
+        self.validated_at = -1  # step of the last validation
+        self.calibration: dict[str, Any] = {}
         self.val_dataset: Any = None
         self.val_unavailable = False
         if checkpoint is not None:
@@ -423,6 +417,8 @@ class _Trainer:
             self.elapsed = float(checkpoint["elapsed_s"])
             self.skipped = list(checkpoint["skipped"])
             self.val_map = checkpoint.get("val_map")
+            self.val_chance = checkpoint.get("val_chance")
+            self.calibration = checkpoint.get("calibration") or {}
             states = checkpoint["rng"]
             set_rng_state(states[rank()] if len(states) == self.world else states[0])
             log.info("resumed from %s at step %d (epoch %d, batch %d)", self.last_path, self.step, self.epoch,
@@ -435,7 +431,7 @@ class _Trainer:
             env = write_env(self.run_dir, cfg.seed, self.device)
             log.info("run directory: %s", self.run_dir)
             log.info("resolved config: %s", self.run_dir / "config.yaml")
-            file_log.info("resolved config:\n%s", to_yaml(cfg))
+            file_log.info("resolved config:\n%s", self.config_yaml)
             log.info("environment: %s", {k: env[k] for k in ("python", "torch", "torchvision", "timm", "open_clip",
                                                               "device", "cuda_device", "git_revision")})
             log.info("seed %d; %d training images (%s), %d classes; %d steps/epoch, %d steps in all; "
@@ -446,6 +442,8 @@ class _Trainer:
                 log.info("pretrained weights: %s", report)
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl",
                                      truncate_after_step=self.step if is_main_process() else None)
+        if checkpoint is None:
+            self.calibration = self._calibrate()
 
         self.forward_model: nn.Module = self.model
         if self.world > 1:
@@ -455,6 +453,57 @@ class _Trainer:
             self.forward_model = DistributedDataParallel(self.model, device_ids=ids)
         if cfg.train.compile:
             self.forward_model = torch.compile(self.forward_model)  # type: ignore[assignment]
+
+    def _calibrate(self) -> dict[str, Any]:
+        """The model's data-dependent start (``calibrate`` hook) on the first global batch, on every rank.
+
+        Every rank computes it from the same images (the batch that step 1 trains on), so all start alike. It runs
+        in training mode without gradients; RNG streams and buffers (e.g. BatchNorm statistics) are restored.
+        """
+        hook = getattr(self.model, "calibrate", None)
+        if hook is None:
+            return {}
+        samples = self.loader.dataset
+        order = self.sampler.permutation(0)[:self.cfg.train.batch_size]
+        batch = collate([samples[(0, int(i))] for i in order])
+        if not batch["id"]:
+            return {}
+        batch = to_device(batch, self.device)
+        buffers = {name: value.clone() for name, value in self.model.named_buffers()}
+        devices = [self.device.index if self.device.index is not None else 0] if self.device.type == "cuda" else []
+        self.model.train()
+        with torch.random.fork_rng(devices=devices), autocast(self.device, self.cfg.train.amp):
+            record = hook(batch["image"].contiguous(memory_format=self.memory_format), batch["labels"])
+        with torch.no_grad():
+            for name, value in self.model.named_buffers():
+                value.copy_(buffers[name])
+        if record:
+            log.info("first-batch calibration: %s", record)
+            self.metrics.write({"step": 0, "calibration": record})
+        return dict(record)
+
+    def _training_extras(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The model's per-image training inputs (``training_extras`` hook), computed before training.
+
+        The main process goes first: it writes the cache files that the other processes then read.
+        """
+        hook = getattr(self.model, "training_extras", None)
+        if hook is None:
+            return {}
+        extras: dict[str, dict[str, torch.Tensor]] = {}
+        error: Optional[Exception] = None
+        for turn in (True, False):
+            if is_main_process() == turn:
+                try:
+                    extras = hook(self.dataset, self.run_dir / "cache")
+                except Exception as exc:  # re-raised after the barrier so no process waits forever
+                    error = exc
+            barrier()
+        if error is not None:
+            raise error
+        for name, table in extras.items():
+            log.info("per-image model input %r: %d training images", name, len(table))
+        return extras
 
     def _warn_config_changes(self, stored: Config) -> None:
         old = OmegaConf.to_container(OmegaConf.structured(stored))
@@ -472,8 +521,16 @@ class _Trainer:
         cfg = self.cfg.train
         stopped_by = "max_steps" if cfg.max_steps is not None else "epochs"
         last_terms: dict[str, float] = {}
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.progress and is_main_process()),
-                   unit="step", dynamic_ncols=True, desc=self.cfg.name)
+        budget = cfg.time_budget_s
+        bar_options = {"disable": not (self.progress and is_main_process()), "dynamic_ncols": True}
+        if budget is None:
+            bar = tqdm(total=self.total_steps, initial=self.step, unit="step", desc=self.cfg.name, **bar_options)
+        else:
+            # A budgeted run ends on the clock, usually long before its scheduled steps: the bar counts seconds.
+            bar = tqdm(total=budget, initial=min(self.elapsed, budget), unit="s",
+                       desc=f"{self.cfg.name} step {self.step}", **bar_options,
+                       bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s "
+                                  "[{elapsed}<{remaining}{postfix}]")
         started = time.perf_counter()
         elapsed_before = self.elapsed
         self.run_started, self.elapsed_before_run = started, elapsed_before
@@ -492,21 +549,25 @@ class _Trainer:
                     if self.cfg.data.skip_bad and all_reduce_flags([images_here == 0], self.device)[0]:
                         self.position += 1  # every image of this batch was unreadable on some rank
                         continue
-                    terms = self._train_step(to_device(batch, self.device))
+                    terms, stats = self._train_step(to_device(batch, self.device))
                     self.step += 1
                     self.position += 1
                     window_images += images_here * self.world
-                    bar.update(1)
+                    if budget is None:
+                        bar.update(1)
                     if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                         now = time.perf_counter()
                         last_terms = {k: float(v.detach()) for k, v in terms.items()}
                         speed = window_images / max(now - window_start, 1e-9)
                         window_start, window_images = now, 0
                         record = {"step": self.step, "epoch": self.epoch, "lr": self.optimizer.param_groups[0]["lr"],
-                                  "loss": sum(last_terms.values()), **last_terms, "images_per_s": speed}
+                                  "loss": sum(last_terms.values()), **last_terms, "images_per_s": speed, **stats}
                         self.metrics.write(record)
                         bar.set_postfix({**{k: f"{v:.4f}" for k, v in last_terms.items()}, "img/s": f"{speed:.1f}"})
                     self.elapsed = elapsed_before + time.perf_counter() - started
+                    if budget is not None:
+                        bar.set_description_str(f"{self.cfg.name} step {self.step}", refresh=False)
+                        bar.update(min(self.elapsed, budget) - bar.n)
                     if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                         self._save()
                         saved_at = self.step
@@ -527,6 +588,9 @@ class _Trainer:
         finally:
             bar.close()
         self.elapsed = elapsed_before + time.perf_counter() - started
+        if self.validated_at != self.step and self.step > 0:
+            # Stopped mid-epoch (time budget, max_steps): the monitor reports the weights the run ends with.
+            self._record_validation()
         if saved_at != self.step:
             self._save()
         if terms and not last_terms:
@@ -534,7 +598,7 @@ class _Trainer:
         self._write_summary(stopped_by, last_terms)
         return self.run_dir
 
-    def _train_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def _train_step(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         with autocast(self.device, self.cfg.train.amp):
             images = batch["image"].contiguous(memory_format=self.memory_format)
             outputs = self.forward_model(images, batch["labels"], extras=batch)
@@ -557,7 +621,9 @@ class _Trainer:
         self.optimizer.step()
         if self.cfg.train.time_budget_s is None:
             self.scheduler.step()
-        return terms
+        logged = (self.step + 1) % self.cfg.train.log_every == 0 or self.step + 1 == self.total_steps
+        monitor = getattr(self.model, "monitor", None)
+        return terms, (monitor(outputs) if logged and monitor is not None else {})
 
     def _follow_time_budget(self) -> None:
         """With a wall-clock budget the schedule runs on whichever ends first, steps or time.
@@ -585,13 +651,17 @@ class _Trainer:
     def _end_epoch(self) -> None:
         self.epoch += 1
         self.position = 0
+        self._record_validation()
+        self._save(epoch_copy=self.cfg.train.keep_epoch_checkpoints)
+
+    def _record_validation(self) -> None:
         self.val_map = self._validate()
-        record = {"step": self.step, "epoch": self.epoch, "val_map": self.val_map}
+        self.validated_at = self.step
+        record = {"step": self.step, "epoch": self.epoch, "val_map": self.val_map, "val_chance": self.val_chance}
         self.metrics.write(record)
         if self.val_map is not None:
-            log.info("epoch %d done (step %d): classification mAP on %s = %.2f", self.epoch, self.step,
-                     self.cfg.data.val_split, 100 * self.val_map)
-        self._save(epoch_copy=self.cfg.train.keep_epoch_checkpoints)
+            log.info("step %d (epoch %d): classification mAP on %s = %.2f (chance %.2f)", self.step, self.epoch,
+                     self.cfg.data.val_split, 100 * self.val_map, 100 * (self.val_chance or float("nan")))
 
     def _validate(self) -> Optional[float]:
         if self.val_unavailable:
@@ -604,7 +674,9 @@ class _Trainer:
                 log.info("classification mAP skipped: split %r is not available (%s)", self.cfg.data.val_split, exc)
                 return None
         per_rank = max(1, self.cfg.train.batch_size // self.world)
-        value = classification_map(self.model, self.val_dataset, self.cfg, self.builders, self.device, per_rank)
+        value, chance = classification_map(self.model, self.val_dataset, self.cfg, self.builders, self.device,
+                                           per_rank)
+        self.val_chance = None if math.isnan(chance) else chance
         return None if math.isnan(value) else value
 
     def _save(self, epoch_copy: bool = False) -> None:
@@ -624,10 +696,12 @@ class _Trainer:
             "position": self.position,
             "elapsed_s": self.elapsed,
             "rng": states,
-            "config": to_yaml(self.cfg),
+            "config": self.config_yaml,
             "class_names": self.class_names,
             "skipped": self.skipped,
             "val_map": self.val_map,
+            "val_chance": self.val_chance,
+            "calibration": self.calibration,
         }
         atomic_save_torch(self.last_path, checkpoint)
         if epoch_copy:
@@ -651,11 +725,19 @@ class _Trainer:
             "images_per_s": images / self.elapsed if self.elapsed > 0 else None,
             "final_losses": last_terms,
             "val_map": self.val_map,
+            "val_map_chance": self.val_chance,
+            "classification_at_chance": None if self.val_map is None or self.val_chance is None else
+            at_chance(self.val_map, self.val_chance),
+            "calibration": self.calibration,
             "skipped_files": skipped,
             "world_size": self.world,
             "checkpoint": str(self.last_path),
         }
         atomic_write_json(self.run_dir / "summary.json", summary)
+        if summary["classification_at_chance"]:
+            log.warning("the final classification mAP on %s (%.1f) is within %.0f points of chance (%.1f): the model "
+                        "has not learned its classes, so its maps carry little class evidence",
+                        self.cfg.data.val_split, 100 * self.val_map, 100 * CHANCE_MARGIN, 100 * self.val_chance)
         log.info("training finished (%s): %d steps in %.1f s; final losses %s%s", stopped_by, self.step,
                  self.elapsed, {k: round(v, 5) for k, v in last_terms.items()},
                  f"; {len(skipped)} unreadable file(s) skipped" if skipped else "")

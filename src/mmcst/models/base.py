@@ -10,10 +10,17 @@ The engine knows nothing else about a method:
 * ``localize(images, need_affinity=False) -> Localization``: raw (non-negative, un-normalised) maps
   B x C x h x w for every class, and optionally the B x N_p x N_p patch affinity used for refinement.
 * ``classify(images) -> B x C`` logits for the per-epoch mAP monitor.
+
+Optional hooks (defaults do nothing): ``calibrate(images, labels)``, a data-dependent start on the first
+training batch of a fresh run (returns what it set, for the run's log); ``monitor(outputs)``, scalars of a
+training forward worth logging beside the losses in ``metrics.jsonl``; ``training_extras(dataset, work_dir)``,
+per-image inputs computed once before training (e.g. cached embeddings), which the engine adds to each sample
+of the batch under their names, so they reach ``forward(..., extras=batch)`` in the sampler's order.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -45,6 +52,22 @@ class LocalizationModel(nn.Module):
 
     def classify(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def calibrate(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+        """Data-dependent initialisation on the first training batch of a fresh run; returns a record for the log."""
+        return {}
+
+    def monitor(self, outputs: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Scalars of a training forward's ``outputs`` to log beside the losses."""
+        return {}
+
+    def training_extras(self, dataset: Any, work_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
+        """Per-image training inputs computed once: ``{name: {image id: tensor}}`` for the training ``dataset``.
+
+        Files the computation keeps (caches) go under ``work_dir`` unless the model's config names a place. Called
+        before training on the main process first, then on the others (which should find the files made).
+        """
+        return {}
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names excluded from weight decay besides 1-D tensors (tokens, pos-embeds)."""

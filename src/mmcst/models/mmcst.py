@@ -43,9 +43,12 @@ from mmcst.models.registry import register_model
 
 # CLIP clamps its learnable logit scale (1 / tau) at 100.
 _MAX_LOGIT_SCALE = 100.0
-# Token norm used when the ViT's [CLS] token is untrained (timm initialises it at std 1e-6): the norm
-# of a trunc-normal(0.02) vector, timm's initialisation scale for position embeddings.
-_RANDOM_TOKEN_STD = 0.02
+# First-batch token balance: rescale T_in until its norm is within this factor of lambda*LN(T_out)'s (T_out
+# itself moves a little when T_in is rescaled, so a few rounds are taken).
+_BALANCE_TOLERANCE = 1.1
+_BALANCE_ROUNDS = 4
+# Names of the token-norm entries in ``forward``'s "token_norms" output (and in metrics.jsonl).
+TOKEN_NORM_NAMES = ("norm_cls_in", "norm_cls_out", "norm_txt_in", "norm_txt_out")
 
 
 @dataclass
@@ -110,21 +113,20 @@ class MMCST(LocalizationModel):
         self.vit = build_token_vit(model_cfg.backbone, groups)
         dim = self.vit.embed_dim
         self.class_tokens = init_class_tokens(self.vit, num_classes, model_cfg.backbone.token_init_std)  # T_cls^in
-        token_norm = float(self.class_tokens.detach()[0].norm())
-        if token_norm < 1e-3:  # untrained [CLS]: match a trunc-normal(0.02) token instead of ~0
-            token_norm = _RANDOM_TOKEN_STD * math.sqrt(dim)
+        # Text tokens start with the visual tokens' norm (METHOD 2.3 option A: norm-matched P_in).
+        token_norm = float(self.class_tokens.detach().norm(dim=-1).mean())
 
         self._clip_reports: list[Any] = []
         clip_model = None
         self.context_active = self.use_text and prior.kind == "clip" and cfg.context != "none"
         if self.use_text and prior.kind == "clip":
-            from mmcst.models.priors import clip_text_embeddings, resolve_templates
+            from mmcst.models.priors import clip_text_embeddings, default_cache_dir, resolve_templates
             from mmcst.models.weights import load_clip
 
             clip_model, report = load_clip(prior.clip_model, prior.clip_weights)
             self._clip_reports.append(report)
             embeddings = clip_text_embeddings(clip_model, self.class_names, resolve_templates(prior.templates),
-                                              cache_dir=prior.cache_dir)
+                                              cache_dir=prior.cache_dir or default_cache_dir())
             self._init_text_tokens(embeddings.float(), cfg.text_bridge, dim, token_norm)
         elif self.use_text:
             # No prior: a learnable random C x D parameter with the visual tokens' norm.
@@ -149,10 +151,16 @@ class MMCST(LocalizationModel):
 
         self.fusion_layers = (last_layers(self.vit.depth, cfg.attention_layers, "model.mmcst.attention_layers")
                               if cfg.fusion == "F3" else [])
+        if cfg.fusion == "t2p" and not self.use_text:
+            raise ValueError("model.mmcst.fusion=t2p needs the text tokens; tokens=global_visual has only the visual "
+                             "class tokens (its maps are c2p whatever the fusion)")
 
         self.context_proj: Optional[nn.Linear] = None
         self.clip_image = None
         self.clip_text = None
+        # model.prior.image_embed=cache: whole-image targets computed once (training_extras), read from the batch.
+        self.cached_image_context = prior.image_embed == "cache"
+        self.embedding_cache_dir = prior.cache_dir
         if self.context_active:
             from mmcst.models.priors import ClipImageEncoder, ClipTextEncoder
 
@@ -246,6 +254,8 @@ class MMCST(LocalizationModel):
             mode = "global"
 
         def combine(t_in: torch.Tensor, t_out: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+            if self.cfg.token_norm == "layernorm":
+                t_in = self.vit.norm(t_in)
             if mode in ("global", "global_visual"):
                 return t_in.unsqueeze(0).expand(batch, -1, -1)
             local = self.vit.norm(t_out)
@@ -259,6 +269,87 @@ class MMCST(LocalizationModel):
             t_txt = combine(text_in, enc.txt_out, self.lambda_text)
         return t_cls, t_txt
 
+    def part_norms(self, enc: _Encoded) -> torch.Tensor:
+        """Mean L2 norms of the two parts of the combined tokens (METHOD 2.5), as in :data:`TOKEN_NORM_NAMES`.
+
+        ``[||T_cls^in||, ||lambda_cls LN(T_cls^out)||, ||T_txt^in||, ||lambda_txt LN(T_txt^out)||]``, each the mean
+        over classes (and images for the local parts); T_in is taken as it enters the sum (LayerNorm-ed with
+        ``token_norm=layernorm``); NaN for a part the model does not have.
+        """
+        def global_norm(t_in: torch.Tensor) -> torch.Tensor:
+            t_in = self.vit.norm(t_in) if self.cfg.token_norm == "layernorm" else t_in
+            return t_in.detach().float().norm(dim=-1).mean()
+
+        def local_norm(t_out: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+            return (lam.detach().float() * self.vit.norm(t_out.detach()).float()).norm(dim=-1).mean()
+
+        nan = torch.tensor(float("nan"), device=enc.patches.device)
+        text_in = self.text_tokens_in()
+        values = [global_norm(self.class_tokens), local_norm(enc.cls_out, self.lambda_cls),
+                  nan if text_in is None else global_norm(text_in),
+                  nan if enc.txt_out is None else local_norm(enc.txt_out, self.lambda_text)]
+        return torch.stack([v.to(nan.device) for v in values])
+
+    def balances_tokens(self) -> bool:
+        """Whether the combined tokens sum a global and a local part whose scales ``token_balance`` matches."""
+        return (self.cfg.token_balance == "first_batch" and self.cfg.tokens == "global_local"
+                and self.cfg.visual_context and self.cfg.token_norm == "none")
+
+    @torch.no_grad()
+    def calibrate(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None) -> dict[str, Any]:
+        """Data-dependent start on the first training batch (METHOD 2.5: ``||lambda T_out|| ~ ||T_in||``).
+
+        With ``token_balance=first_batch`` and global-local tokens, the global tokens T_in (visual, and text:
+        ``P_in`` or the direct parameter) are rescaled, direction kept, until their mean norm matches that of
+        ``lambda * LN(T_out)`` on ``images``. Without it a random start leaves T_in at trunc-normal(0.02)
+        scale (norm ~0.02 sqrt(D)) against LN(T_out) at ~sqrt(D): the global tokens would carry nothing.
+        Returns the norms before and after and the scale applied to each part (for the run's log).
+        """
+        def measure() -> dict[str, float]:
+            norms = zip(TOKEN_NORM_NAMES, self.part_norms(self._encode(images)).tolist())
+            return {name: value for name, value in norms if math.isfinite(value)}
+
+        before = measure()
+        record: dict[str, Any] = {"token_balance": self.cfg.token_balance, "before": before}
+        scales = {"cls": 1.0, "txt": 1.0}
+        if self.balances_tokens():
+            norms = before
+            for _ in range(_BALANCE_ROUNDS):
+                done = True
+                for part in ("cls", "txt"):
+                    inner, outer = norms.get(f"norm_{part}_in", 0.0), norms.get(f"norm_{part}_out", 0.0)
+                    if inner <= 0 or outer <= 0:
+                        continue  # a part the model lacks, or lambda = 0: nothing to match
+                    factor = outer / inner
+                    if max(factor, 1 / factor) > _BALANCE_TOLERANCE:
+                        self._scale_global_tokens(part, factor)
+                        scales[part] *= factor
+                        done = False
+                if done:
+                    break
+                norms = measure()
+            record["after"] = norms
+        else:
+            record["after"] = before
+        record["scale"] = {k: v for k, v in scales.items() if k == "cls" or self.use_text}
+        return record
+
+    def _scale_global_tokens(self, part: str, factor: float) -> None:
+        if part == "cls":
+            self.class_tokens.mul_(factor)
+        elif self.text_proj is not None:
+            self.text_proj.weight.mul_(factor)
+            self.text_proj.bias.mul_(factor)
+        elif self.text_tokens is not None:
+            self.text_tokens.mul_(factor)
+
+    def monitor(self, outputs: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Scalars for metrics.jsonl: the token-part norms of the last training forward."""
+        norms = outputs.get("token_norms")
+        if norms is None:
+            return {}
+        return {name: float(value) for name, value in zip(TOKEN_NORM_NAMES, norms.tolist()) if math.isfinite(value)}
+
     def _correlate(self, tokens: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
         """B x C x N_p correlation ``T . T_pat^T`` (optionally / sqrt(D))."""
         corr = torch.einsum("bcd,bnd->bcn", tokens.to(patches.dtype), patches)
@@ -271,6 +362,7 @@ class MMCST(LocalizationModel):
                 extras: Optional[dict[str, Any]] = None) -> dict[str, torch.Tensor]:
         enc = self._encode(images)
         outputs: dict[str, torch.Tensor] = {"cls_logits": enc.cls_out.mean(-1)}  # raw tokens (Appendix A.1)
+        outputs["token_norms"] = self.part_norms(enc)
         t_cls, t_txt = self.combined_tokens(enc)
         outputs["c2p_logits"] = gwrp(self._correlate(t_cls, enc.patches), self.cfg.gwrp_decay)
         if t_txt is not None:
@@ -283,6 +375,10 @@ class MMCST(LocalizationModel):
             outputs["context"] = self._context_embedding(enc.txt_out, labels)
             if self.clip_image is not None:
                 cached = (extras or {}).get("clip_embedding")
+                if cached is None and self.cached_image_context:
+                    raise ValueError("model.prior.image_embed=cache: the batch holds no 'clip_embedding'; give forward "
+                                     "each image's entry of training_extras() (the mmcst engine does) or use "
+                                     "image_embed=crop")
                 target = cached if cached is not None else self.clip_image(images)
                 outputs["context_target"] = F.normalize(target.float().to(images.device), dim=-1)
         return outputs
@@ -365,11 +461,16 @@ class MMCST(LocalizationModel):
         h, w = enc.grid
         t_cls, t_txt = self.combined_tokens(enc)
         c2p = F.relu(self._correlate(t_cls, enc.patches)).float().view(-1, self.num_classes, h, w)
-        if t_txt is None:  # visual tokens only: c2p is the map
+        if t_txt is None or self.cfg.fusion == "c2p":  # visual tokens only, or the c2p map alone
             maps = c2p
         else:
             t2p = F.relu(self._correlate(t_txt, enc.patches)).float().view(-1, self.num_classes, h, w)
-            maps = _min_max(t2p) + _min_max(c2p) if self.cfg.fusion == "F2" else (t2p * c2p).sqrt()
+            if self.cfg.fusion == "t2p":
+                maps = t2p
+            elif self.cfg.fusion == "F2":
+                maps = _min_max(t2p) + _min_max(c2p)
+            else:
+                maps = (t2p * c2p).sqrt()
         if self.cfg.fusion == "F3":
             assert rows is not None
             attn = class_to_patch_attention(enc.attentions, self.fusion_layers, rows, self.num_classes, num_prefix)
@@ -387,6 +488,20 @@ class MMCST(LocalizationModel):
             if encoder is not None:
                 encoder.clip_model.eval()  # the prior stays frozen and deterministic
         return self
+
+    def training_extras(self, dataset: Any, work_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
+        """``{"clip_embedding": {image id: whole-image CLIP embedding}}`` with ``model.prior.image_embed=cache``.
+
+        Computed once and kept in ``model.prior.cache_dir`` (or ``work_dir``), in a file named after the image ids
+        and the CLIP model, so a run on other images or weights recomputes it and a resumed run reads it back.
+        """
+        if self.clip_image is None or not self.cached_image_context:
+            return {}
+        from mmcst.models.priors import cache_image_embeddings, image_embedding_cache_file
+
+        ids = getattr(dataset, "ids", None)
+        path = image_embedding_cache_file(self.embedding_cache_dir or work_dir, self.clip_image, ids)
+        return {"clip_embedding": cache_image_embeddings(self.clip_image, dataset, path)}
 
     def no_weight_decay(self) -> set[str]:
         # Tokens and everything that produces them (METHOD 5.2: the text-token parameters, P_in included).

@@ -271,6 +271,23 @@ class ClipTextEncoder(_FrozenClipPart):
         return encode_texts(self.clip_model, texts, model_name=self.model_name)
 
 
+def _image_cache_key(encoder: ClipImageEncoder) -> Optional[str]:
+    """What whole-image embeddings depend on besides the images: the CLIP architecture and its weight file."""
+    sha = getattr(encoder.clip_model, "weights_sha256", None)
+    return None if sha is None else f"{getattr(encoder.clip_model, 'model_name', '?')}:{sha}"
+
+
+def image_embedding_cache_file(directory: str | os.PathLike, encoder: ClipImageEncoder,
+                               ids: Optional[Sequence[str]]) -> Path:
+    """The file :func:`cache_image_embeddings` uses in ``directory`` for these images and this CLIP model.
+
+    Named by a hash of (architecture, weights sha256, image ids), so a directory shared by several runs holds
+    one cache per dataset split and CLIP model instead of one file they keep overwriting.
+    """
+    ident = json.dumps([_image_cache_key(encoder), None if ids is None else [str(i) for i in ids]])
+    return Path(directory) / f"clip_image_{hashlib.sha256(ident.encode()).hexdigest()[:20]}.pt"
+
+
 @torch.no_grad()
 def cache_image_embeddings(encoder: ClipImageEncoder, dataset: Any, path: str | os.PathLike,
                            batch_size: int = 32) -> dict[str, Tensor]:
@@ -278,11 +295,12 @@ def cache_image_embeddings(encoder: ClipImageEncoder, dataset: Any, path: str | 
 
     The speed variant of the image-language context target (``model.prior.image_embed=cache``): each
     full image is resized to the CLIP input size (whole content kept, aspect not), so it can differ
-    from the embedding of an augmented crop. The file is re-used when its ids and CLIP weights match.
+    from the embedding of an augmented crop. The file is re-used when its ids, CLIP architecture and
+    weights match.
     """
     path = Path(path)
     ids = [str(i) for i in getattr(dataset, "ids", [])] or None
-    key = getattr(encoder.clip_model, "weights_sha256", None)
+    key = _image_cache_key(encoder)
     if path.is_file():
         try:
             stored = torch.load(path, map_location="cpu", weights_only=True)
