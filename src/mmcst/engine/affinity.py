@@ -38,7 +38,7 @@ from mmcst.config import Config
 from mmcst.data.transforms import normalize
 from mmcst.data.wsss import AffinityTrainTransform, LabelFolderDataset, name_missing
 from mmcst.engine.builders import Builders, dataset_from_config
-from mmcst.engine.distributed import barrier, init_distributed, is_main_process, shard
+from mmcst.engine.distributed import barrier, init_distributed, is_main_process, shard, sum_over_ranks
 from mmcst.engine.randomness import seed_everything
 from mmcst.engine.rundir import log, setup_logging
 from mmcst.engine.stage import (
@@ -46,15 +46,13 @@ from mmcst.engine.stage import (
     PolyTrainer,
     file_stamp,
     identity,
-    load_stage_checkpoint,
     prepare_output_dir,
     read_settings,
     run_on_main,
     stage_config,
     start_stage_logging,
-    sum_over_ranks,
 )
-from mmcst.engine.train import TrainSamples, load_model_state
+from mmcst.engine.train import TrainSamples, load_checkpoint, load_model_state
 from mmcst.io import load_map, save_label_png
 from mmcst.models.affinity import AffinityNet, affinity_loss, affinity_loss_terms, pairwise_affinity
 from mmcst.refine import RANDOM_WALK_BG_THRESHOLD, confident_labels, crf_available, random_walk_labels
@@ -270,7 +268,7 @@ def load_affinity_net(run_dir: str | Path, overrides: Sequence[str] = (),
     """The trained AffinityNet of a run (eval mode), the config it was trained with (plus ``overrides``), and its
     checkpoint path."""
     path = affinity_dir(run_dir) / "checkpoints" / "last.pth"
-    checkpoint = load_stage_checkpoint(path, AFFINITY_CHECKPOINT_FORMAT,
+    checkpoint = load_checkpoint(path, AFFINITY_CHECKPOINT_FORMAT,
                                        f"train AffinityNet first: `mmcst affinity train {run_dir}`")
     cfg = stage_config(run_dir, overrides, stored=checkpoint["config"])
     model = build_affinity_net(cfg)

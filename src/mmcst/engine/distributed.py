@@ -109,3 +109,15 @@ def all_reduce_flags(values: Sequence[float], device: torch.device) -> list[floa
 def shard(indices: Sequence[int]) -> list[int]:
     """This rank's disjoint share of ``indices`` (every ``world_size``-th element)."""
     return list(indices)[rank()::world_size()]
+
+
+def sum_over_ranks(counts: dict[str, int]) -> dict[str, int]:
+    """Integer counters summed over ranks (a no-op in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return counts
+    keys = sorted(counts)
+    tensor = torch.tensor([counts[k] for k in keys], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    dist.all_reduce(tensor)
+    return {k: int(v) for k, v in zip(keys, tensor.tolist())}

@@ -30,7 +30,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from mmcst.data.base import DatasetError
 from mmcst.engine.builders import Builders, dataset_from_config
-from mmcst.engine.distributed import barrier, init_distributed, is_main_process, memory_format_of, shard
+from mmcst.engine.distributed import (
+    barrier, init_distributed, is_main_process, memory_format_of, shard, sum_over_ranks,
+)
 from mmcst.engine.rundir import log, setup_logging
 from mmcst.engine.train import model_from_run
 from mmcst.io import MapFileError, atomic_write_json, load_map, save_label_png, save_map
@@ -269,17 +271,6 @@ def _bg_threshold(run_dir: Path, split: str, given: Optional[float]) -> tuple[fl
     return DEFAULT_BG_THRESHOLD, "default (no evaluation of this split in the run)"
 
 
-def _sum_over_ranks(counts: dict[str, Any]) -> dict[str, Any]:
-    if not (dist.is_available() and dist.is_initialized()):
-        return counts
-    keys = sorted(counts)
-    tensor = torch.tensor([counts[k] for k in keys], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        tensor = tensor.cuda()
-    dist.all_reduce(tensor)
-    return {k: int(v) for k, v in zip(keys, tensor.tolist())}
-
-
 MAP_SETTINGS_FILE = "settings.json"
 
 
@@ -411,7 +402,7 @@ def infer(run_dir: str | Path, split: str, scales: Optional[Sequence[float]] = N
     finally:
         writer.shutdown(wait=True)
     barrier()
-    counts = _sum_over_ranks(counts)
+    counts = sum_over_ranks(counts)
     log.info("maps: %d written, %d valid ones kept", counts["written"], counts["reused"])
 
     result: dict[str, Any] = {}

@@ -33,7 +33,7 @@ from mmcst.data.transforms import normalize
 from mmcst.data.wsss import LabelFolderDataset, SegTrainTransform
 from mmcst.engine.affinity import refined_dir
 from mmcst.engine.builders import Builders, dataset_from_config
-from mmcst.engine.distributed import autocast, barrier, init_distributed, is_main_process, shard
+from mmcst.engine.distributed import autocast, barrier, init_distributed, is_main_process, shard, sum_over_ranks
 from mmcst.engine.randomness import seed_everything
 from mmcst.engine.rundir import log, setup_logging
 from mmcst.engine.stage import (
@@ -41,15 +41,13 @@ from mmcst.engine.stage import (
     PolyTrainer,
     file_stamp,
     identity,
-    load_stage_checkpoint,
     prepare_output_dir,
     read_settings,
     run_on_main,
     stage_config,
     start_stage_logging,
-    sum_over_ranks,
 )
-from mmcst.engine.train import TrainSamples, load_model_state
+from mmcst.engine.train import TrainSamples, load_checkpoint, load_model_state
 from mmcst.io import save_label_png
 from mmcst.models.deeplab import Segmenter, build_segmenter
 from mmcst.refine import crf_available, dense_crf
@@ -171,7 +169,7 @@ def load_segmenter(run_dir: str | Path, overrides: Sequence[str] = (),
                    device: str | torch.device = "cpu") -> tuple[Segmenter, Any, list[str], Path]:
     """The trained segmenter of a run (eval mode), its config (plus ``overrides``), class names and checkpoint."""
     path = seg_dir(run_dir) / "checkpoints" / "last.pth"
-    checkpoint = load_stage_checkpoint(path, SEG_CHECKPOINT_FORMAT,
+    checkpoint = load_checkpoint(path, SEG_CHECKPOINT_FORMAT,
                                        f"train the segmenter first: `mmcst seg train {run_dir}`")
     cfg = stage_config(run_dir, overrides, stored=checkpoint["config"])
     class_names = list(checkpoint["class_names"])

@@ -32,6 +32,8 @@ from mmcst.engine.train import (
     ResumableBatchSampler,
     RunExistsError,
     collate,
+    config_from_checkpoint,
+    load_checkpoint,
     load_model_state,
     to_device,
 )
@@ -72,27 +74,12 @@ def stage_config(run_dir: str | Path, overrides: Sequence[str] = (), stored: Opt
         checkpoint = run_dir / "checkpoints" / "last.pth"
         if not checkpoint.is_file():
             raise FileNotFoundError(f"{run_dir}: not a run directory (no config.yaml and no checkpoints/last.pth)")
-        from mmcst.engine.train import config_from_checkpoint, load_checkpoint
-
         stored = to_yaml(config_from_checkpoint(load_checkpoint(checkpoint), checkpoint))
     try:
         merged = OmegaConf.merge(OmegaConf.create(stored), OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as exc:
         raise ConfigError(f"overrides {list(overrides)}: {exc}") from exc
     return from_dict(OmegaConf.to_container(merged))  # type: ignore[arg-type]
-
-
-def load_stage_checkpoint(path: Path, checkpoint_format: str, hint: str) -> dict[str, Any]:
-    """Read a stage checkpoint (tensors and plain values only: ``weights_only`` loading)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found ({hint})")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{path}: unreadable checkpoint ({exc})") from exc
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != checkpoint_format:
-        raise ValueError(f"{path}: not an mmcst {checkpoint_format!r} checkpoint")
-    return checkpoint
 
 
 # --------------------------------------------------------------------------------------------------
@@ -147,17 +134,6 @@ def read_settings(folder: Path) -> Optional[dict[str, Any]]:
         return json.loads(path.read_text()) if path.is_file() else None
     except (OSError, ValueError):
         return None
-
-
-def sum_over_ranks(counts: dict[str, int]) -> dict[str, int]:
-    if not (dist.is_available() and dist.is_initialized()):
-        return counts
-    keys = sorted(counts)
-    tensor = torch.tensor([counts[k] for k in keys], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        tensor = tensor.cuda()
-    dist.all_reduce(tensor)
-    return {k: int(v) for k, v in zip(keys, tensor.tolist())}
 
 
 def broadcast_from_main(value: Any) -> Any:
@@ -257,7 +233,7 @@ class PolyTrainer:
                                  "it, or remove the folder to start again")
         checkpoint = None
         if resume and self.last_path.is_file():
-            checkpoint = load_stage_checkpoint(self.last_path, self.checkpoint_format, "resume")
+            checkpoint = load_checkpoint(self.last_path, self.checkpoint_format, "resume")
             load_model_state(model, checkpoint["model"], self.last_path)
             self._warn_config_changes(checkpoint["config"])
         elif resume:
@@ -475,6 +451,5 @@ def start_stage_logging(stage_dir: Path) -> None:
 
 
 __all__ = ["OVERRIDABLE", "ImageJobs", "PolyTrainer", "broadcast_from_main", "file_stamp", "identity",
-           "load_stage_checkpoint",
            "png_is_valid", "prepare_output_dir", "read_settings", "run_on_main", "stage_config",
-           "start_stage_logging", "sum_over_ranks"]
+           "start_stage_logging"]

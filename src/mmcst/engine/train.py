@@ -282,16 +282,17 @@ def classification_map(model: nn.Module, dataset: Any, cfg: Config, builders: Bu
 # checkpoints
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read an mmcst checkpoint (tensors and plain Python values only, so ``weights_only`` loading works)."""
+def load_checkpoint(path: Path, checkpoint_format: str = CHECKPOINT_FORMAT, hint: str = "") -> dict[str, Any]:
+    """Read an mmcst checkpoint of ``checkpoint_format`` (tensors and plain Python values only, so ``weights_only``
+    loading works); ``hint`` says in the error what the checkpoint was wanted for."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
+        raise FileNotFoundError(f"{path}: checkpoint not found" + (f" ({hint})" if hint else ""))
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ValueError(f"{path}: unreadable checkpoint ({exc})") from exc
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not an mmcst checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != checkpoint_format:
+        raise ValueError(f"{path}: not an mmcst checkpoint (expected format {checkpoint_format!r})")
     return checkpoint
 
 
