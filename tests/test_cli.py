@@ -43,11 +43,13 @@ def tiny_overrides(root: Path, name: str) -> list[str]:
 
 def test_help_of_every_command(capsys):
     out = subprocess.run([sys.executable, "-m", "mmcst.cli", "--help"], capture_output=True, text=True, check=True)
-    for command in ("demo", "train", "infer", "eval", "data", "model", "maps"):
+    for command in ("demo", "train", "infer", "eval", "affinity", "seg", "data", "model", "maps"):
         assert command in out.stdout
     parser = build_parser()
     for argv in (["demo"], ["train"], ["infer"], ["eval"], ["data", "check"], ["data", "export-labels"],
-                 ["data", "coco-gt"], ["data", "synth"], ["model", "summary"], ["maps", "export-mctformer"]):
+                 ["data", "coco-gt"], ["data", "synth"], ["model", "summary"], ["maps", "export-mctformer"],
+                 ["affinity", "labels"], ["affinity", "train"], ["affinity", "refine"], ["seg", "train"],
+                 ["seg", "infer"], ["seg", "eval"]):
         with pytest.raises(SystemExit) as exit_info:
             parser.parse_args(argv + ["--help"])
         assert exit_info.value.code == 0
@@ -112,6 +114,7 @@ def test_train_infer_eval_export(workspace, capsys):
     assert result["protocol"]["num_images"] == 8
     assert 0.0 <= result["best"]["miou"] <= 100.0
     assert (workspace / "eval.md").is_file() and (workspace / "eval_curve.png").is_file()
+    assert 'data-explorer="eval"' in (workspace / "eval.html").read_text()
     assert run("maps", "export-mctformer", str(run_dir / "maps" / "val"), str(workspace / "mct")) == 0
     exported = np.load(workspace / "mct" / maps[0].name, allow_pickle=True).item()
     assert sorted(exported) == sorted(int(k) for k in keys)
@@ -126,9 +129,16 @@ def test_bad_input_is_a_clear_error(workspace, capsys, tmp_path):
     assert "model.mmcst.fusion" in capsys.readouterr().err
 
 
-def test_demo_quick(tmp_path):
-    report = tmp_path / "demo"
-    assert run("demo", "--quick", "--out", str(report), "--no-progress") == 0
+def test_pipeline(tiny_pipeline):
+    TESTED.add("pipeline")  # the session fixture ran `mmcst pipeline CONFIG out_dir=... data.root=... --no-progress`
+    summary = json.loads((tiny_pipeline[1] / "pipeline.json").read_text())
+    assert [row["status"] for row in summary["stages"]] == ["done"] * 9
+    assert all(summary[key]["miou"] is not None for key in ("seed", "refined", "seg"))
+
+
+def test_demo_quick(quick_demo):
+    TESTED.add("demo")  # the session fixture ran `mmcst demo --quick --out DIR --no-progress`
+    report = quick_demo
     summary = json.loads((report / "report.json").read_text())
     assert summary["random_init"] is True
     assert summary["verdict"].startswith("MMCST")
@@ -136,6 +146,33 @@ def test_demo_quick(tmp_path):
     assert set(summary["methods"]) == {"mmcst", "mctformer_v2", "cam"}
     html = (report / "report.html").read_text()
     assert "random weights" in html and "data:image/png;base64" in html
+
+
+def test_model_import(tmp_path):
+    from test_import_mctformer import DEPTH, DIM, GRID, TINY, official_state, save_official
+
+    checkpoint = save_official(tmp_path / "checkpoint.pth", official_state("v1", dim=DIM, depth=DEPTH, grid=GRID))
+    assert run("model", "import", "--format", "mctformer_v1", str(checkpoint), str(tmp_path / "run"), *TINY) == 0
+    assert (tmp_path / "run" / "checkpoints" / "last.pth").is_file()
+
+
+def test_wsss_commands(tmp_path, capsys):
+    import torch
+    from test_wsss_engine import TINY_WSSS, make_run
+
+    run_dir = str(make_run(tmp_path))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny convolutions: one thread is fastest
+    try:
+        assert run("affinity", "labels", run_dir, *TINY_WSSS, "--split", "train", "--no-progress") == 0
+        assert run("affinity", "train", run_dir, *TINY_WSSS, "wsss.affinity.max_steps=1", "--no-progress") == 0
+        assert run("affinity", "refine", run_dir, "--split", "train", "--no-progress") == 0
+        assert run("seg", "train", run_dir, *TINY_WSSS, "wsss.seg.max_steps=1", "--no-progress") == 0
+        assert run("seg", "infer", run_dir, "--split", "val", "--scales", "1.0", "--no-progress") == 0
+        assert run("seg", "eval", run_dir, "--split", "val", "--no-progress") == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert "mIoU" in capsys.readouterr().out
 
 
 def test_readme_commands_are_all_exercised():
