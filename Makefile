@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mmcst-installed
 
-.PHONY: demo demo-quick test bench install clean
+.PHONY: demo demo-quick test bench install install-crf clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -13,6 +13,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The optional dense CRF (pydensecrf2, built from source: needs a C++ compiler). Without it, the CRF tests
+# skip and confident labels use the torch-only PAR refinement.
+install-crf: $(STAMP)
+	$(PY) -m pip install -q -e '.[crf]'
 
 demo: $(STAMP)
 	$(VENV)/bin/mmcst demo --out demo_out
