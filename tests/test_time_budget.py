@@ -32,6 +32,21 @@ def test_budget_limited_run_anneals_to_min_lr(tmp_path):
     assert lrs == sorted(lrs, reverse=True)
 
 
+def test_budget_limited_run_warms_up_in_steps_then_anneals_on_the_clock(tmp_path):
+    """The warm-up counts steps as in a step-limited run (not a sliver of a nominal 3,000-step schedule); the
+    cosine then spans the rest of the budget."""
+    cfg = tiny_config(tmp_path, epochs=1000, time_budget_s=1.5, warmup_epochs=2.0, log_every=1)  # 6 warm-up steps
+    run = train(cfg, progress=False, builders=builders_with(lambda model_cfg, names: SlowNet(names)))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"lr"' in line]
+    lrs = [r["lr"] for r in records]
+    assert len(lrs) > 12
+    peak = lrs.index(max(lrs))
+    assert 4 <= peak <= 7, lrs
+    assert lrs[:peak + 1] == sorted(lrs[:peak + 1]) and lrs[0] < 0.5 * max(lrs)
+    assert lrs[peak:] == sorted(lrs[peak:], reverse=True)
+    assert lrs[-1] < cfg.train.min_lr + 0.2 * (max(lrs) - cfg.train.min_lr)
+
+
 def test_budget_limited_run_shows_a_bar_of_seconds(tmp_path, monkeypatch):
     """The bar counts the budget in seconds (not the 3,000 scheduled steps) and names the steps done."""
     import tqdm

@@ -404,6 +404,7 @@ class _Trainer:
         self.epoch = 0
         self.position = 0  # global batches done in the current epoch
         self.elapsed = 0.0  # training seconds, summed over resumed attempts
+        self.warmup_ended_s: Optional[float] = None  # training seconds at the end of the warm-up (time budgets)
         self.skipped: list[str] = []
         self.val_map: Optional[float] = None
         self.val_chance: Optional[float] = None  # the mAP a random ranking reaches on the validation labels
@@ -416,6 +417,7 @@ class _Trainer:
             self.scheduler.load_state_dict(checkpoint["scheduler"])
             self.step, self.epoch, self.position = checkpoint["step"], checkpoint["epoch"], checkpoint["position"]
             self.elapsed = float(checkpoint["elapsed_s"])
+            self.warmup_ended_s = checkpoint.get("warmup_ended_s")
             self.skipped = list(checkpoint["skipped"])
             self.val_map = checkpoint.get("val_map")
             self.val_chance = checkpoint.get("val_chance")
@@ -629,17 +631,26 @@ class _Trainer:
     def _follow_time_budget(self) -> None:
         """With a wall-clock budget the schedule runs on whichever ends first, steps or time.
 
-        The cosine is evaluated at ``max(step, elapsed / budget * total_steps)``, so a run cut by its budget
-        still ends at ``min_lr`` instead of stopping near the top of its schedule. Such runs depend on
-        timing, so they are not bitwise repeatable; step-limited runs are.
+        The warm-up counts optimizer steps (``warmup_epochs``, as without a budget); the cosine after it runs on
+        ``max(step progress, time progress)``, the time progress being the share of the budget left after the
+        warm-up that has elapsed, so a run cut by its budget still ends at ``min_lr`` instead of stopping near
+        the top of its schedule, and its schedule has the shape of a step-limited run of the same length. Such
+        runs depend on timing, so they are not bitwise repeatable; step-limited runs are.
         """
         cfg = self.cfg.train
         elapsed = self.elapsed_before_run + time.perf_counter() - self.run_started
-        fraction = min(1.0, elapsed / max(cfg.time_budget_s, 1e-9))
-        virtual = max(self.step, int(fraction * self.total_steps))
         base_lr = scaled_lr(cfg)
         warmup_steps = min(self.total_steps, round(cfg.warmup_epochs * self.steps_per_epoch))
-        lr = lr_at(virtual, base_lr, cfg.warmup_lr, cfg.min_lr, warmup_steps, self.total_steps)
+        if self.step < warmup_steps:
+            lr = lr_at(self.step, base_lr, cfg.warmup_lr, cfg.min_lr, warmup_steps, self.total_steps)
+        else:
+            if self.warmup_ended_s is None:
+                self.warmup_ended_s = elapsed
+            left = cfg.time_budget_s - self.warmup_ended_s
+            by_time = 1.0 if left <= 0 else min(1.0, (elapsed - self.warmup_ended_s) / left)
+            by_steps = (self.step - warmup_steps) / max(1, self.total_steps - warmup_steps)
+            progress = min(1.0, max(by_time, by_steps))
+            lr = cfg.min_lr + 0.5 * (base_lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
@@ -696,6 +707,7 @@ class _Trainer:
             "epoch": self.epoch,
             "position": self.position,
             "elapsed_s": self.elapsed,
+            "warmup_ended_s": self.warmup_ended_s,
             "rng": states,
             "config": self.config_yaml,
             "class_names": self.class_names,
