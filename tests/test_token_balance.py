@@ -108,6 +108,19 @@ def test_fusion_single_maps() -> None:
         build(model_config("mmcst", mmcst={"context": "none", "fusion": "t2p", "tokens": "global_visual"}))
 
 
+def test_patch_norm_none_correlates_with_the_raw_patch_tokens() -> None:
+    x = images(48, 48)
+    normed = build(model_config("mmcst", mmcst={"context": "none"})).eval()
+    raw = build(model_config("mmcst", mmcst={"context": "none", "patch_norm": "none"})).eval()
+    raw.load_state_dict(normed.state_dict())
+    with torch.no_grad():
+        p_norm, p_raw = normed._encode(x).patches, raw._encode(x).patches
+        assert torch.allclose(p_norm, normed.vit.norm(p_raw), atol=1e-5)  # the default: LN(T_pat) (METHOD 2.4)
+        assert not torch.allclose(p_norm, p_raw, atol=1e-3)
+        # The correlation maps follow the patch tokens they are given.
+        assert not torch.allclose(normed(x, None)["c2p_logits"], raw(x, None)["c2p_logits"], atol=1e-4)
+
+
 # --------------------------------------------------------------------------------------------------
 # conv stem
 

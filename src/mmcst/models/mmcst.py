@@ -57,7 +57,7 @@ class _Encoded:
 
     cls_out: torch.Tensor  # B x C x D raw visual output tokens (for the class-token logits)
     txt_out: Optional[torch.Tensor]  # B x C x D raw text output tokens (None without text tokens)
-    patches: torch.Tensor  # B x N_p x D, LayerNorm-ed
+    patches: torch.Tensor  # B x N_p x D, LayerNorm-ed (patch_norm=layernorm) or the raw residual stream
     grid: tuple[int, int]
     attentions: dict[int, torch.Tensor]
     rows: Optional[slice]
@@ -230,7 +230,7 @@ class MMCST(LocalizationModel):
         if text_in is not None:
             prefix["txt"] = text_in
         out = self.vit(images, prefix, attn_layers=tuple(attn_layers), attn_rows=attn_rows)
-        patches = self.vit.norm(out.patches)
+        patches = self.vit.norm(out.patches) if self.cfg.patch_norm == "layernorm" else out.patches
         if self.decoder is None:
             cls_out, txt_out = out.prefix["cls"], out.prefix.get("txt")
         else:
