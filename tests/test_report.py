@@ -24,18 +24,25 @@ from mmcst.report import (
 MAX_HTML_BYTES = 5 * 1024 * 1024
 
 
-def _results(mmcst: float, cam: float, centre: float = 5.0) -> dict:
+def _results(mmcst: float, cam: float, centre: float = 5.0, mct: float = 10.0, maps=(0.3, 0.25)) -> dict:
     def entry(value, steps=None, val_map=None):
         return {"result": {"best": {"miou": value}}, "train_summary": {"steps": steps, "val_map": val_map}}
-    return {"methods": {"mmcst": entry(mmcst, 70, 0.12), "cam": entry(cam, 80, 0.2)},
+    return {"methods": {"mmcst": entry(mmcst, 70, maps[0]), "mctformer_v2": entry(mct, 75, maps[1]),
+                        "cam": entry(cam, 80, 0.2)},
             "references": {"centre": {"result": {"best": {"miou": centre}}}}}
 
 
-def test_verdict_names_the_winner_honestly():
-    assert "best validation mIoU" in demo_verdict(_results(30.0, 20.0))
+def test_verdict_checks_the_demo_claim():
+    won = demo_verdict(_results(30.0, 20.0))
+    assert won.startswith("MMCST has the best validation mIoU of this run, 30.0")
+    assert "cam 20.0" in won and "mctformer_v2 10.0" in won and "at least that of mctformer_v2" in won
     lost = demo_verdict(_results(13.6, 22.0))
-    assert lost.startswith("MMCST does not win") and "cam" in lost and "70 steps" in lost
-    assert "centre prior" in demo_verdict(_results(4.0, 3.0, centre=6.0))
+    assert lost.startswith("MMCST does not win") and "cam reached" in lost and "70 steps" in lost
+    assert "centre prior" in demo_verdict(_results(4.0, 3.0, centre=6.0, mct=1.0))
+    # Best mIoU, but a classification below MCTformer-V2's on the same backbone: the claim does not hold.
+    weak = demo_verdict(_results(30.0, 20.0, maps=(0.2, 0.25)))
+    assert weak.startswith("MMCST does not win") and "mAP (20.0) is below that of mctformer_v2" in weak
+    assert "cam reached" not in weak
     assert "random ranking would reach a val mAP of about 11.0" in demo_verdict(_results(13.6, 22.0), chance=0.11)
 
 
