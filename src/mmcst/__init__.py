@@ -14,6 +14,7 @@ Python API (the CLI calls the same functions)::
     mmcst.train_segmenter(run_dir, "refined", ["wsss.seg.weights=res38_cls.pth"])
     mmcst.infer_segmenter(run_dir, "val"); result = mmcst.evaluate_segmenter(run_dir, "val")
     run_dir = mmcst.import_mctformer("MCTformer_v2/checkpoint.pth", "runs/official_v2", "v2", ["data.root=..."])
+    mmcst.export_backbone("runs/cam", "cam_resnet.pth")          # a CAM run's trunk: wsss.*.weights
 """
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 __all__ = ["__version__", "load_config", "train", "infer", "evaluate", "pipeline", "demo", "import_mctformer",
-           "make_affinity_labels", "train_affinity", "refine_masks", "train_segmenter", "infer_segmenter",
-           "evaluate_segmenter"]
+           "export_backbone", "make_affinity_labels", "train_affinity", "refine_masks", "train_segmenter",
+           "infer_segmenter", "evaluate_segmenter"]
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Any:
@@ -66,7 +67,8 @@ def pipeline(config: Any, progress: bool = True, **kwargs: Any) -> dict[str, Any
 
 
 def demo(out: str | Path = "demo_out", quick: bool = False, **kwargs: Any) -> Path:
-    """Run the demo; returns the report path."""
+    """Run the demo; returns the report path. ``kwargs``: ``methods``, ``wsss``, ``progress``, ``seed`` (training
+    seed), ``data_seed`` (generator seed: 0 is the shipped data, others held-out data of the same kind)."""
     from mmcst.engine.demo import run_demo
     return run_demo(out, quick=quick, **kwargs)
 
@@ -76,6 +78,13 @@ def import_mctformer(checkpoint: str | Path, run_dir: str | Path, version: str,
     """Write a run directory from an official MCTformer-V1/V2 checkpoint (``version`` ``v1`` | ``v2``); return it."""
     from mmcst.engine.importer import import_mctformer as _import
     return _import(checkpoint, run_dir, version, overrides, config=config)
+
+
+def export_backbone(run_dir: str | Path, dest: str | Path) -> dict[str, Any]:
+    """Write a trained ``cam`` run's ResNet trunk as a timm ResNet state dict (``wsss.affinity.weights`` /
+    ``wsss.seg.weights``); returns ``{"path", "backbone", "tensors", "step"}``."""
+    from mmcst.engine.importer import export_backbone as _export
+    return _export(run_dir, dest)
 
 
 def make_affinity_labels(run_dir: str | Path, split: str, **kwargs: Any) -> Path:

@@ -45,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="subset of demo methods to train (default: all of mmcst, mctformer_v2, cam)")
     p.add_argument("--wsss", action=argparse.BooleanOptionalAction, default=True,
                    help="carry the best method through AffinityNet and a segmentation network (about 3 minutes)")
+    p.add_argument("--seed", type=int, default=0, help="training seed of every run (runs with a time budget also "
+                                                       "vary with the machine's speed)")
+    p.add_argument("--data-seed", type=int, default=0,
+                   help="generator seed of the dataset (0: the shipped demo data; another value: held-out data of "
+                        "the same kind, written to its own folder under --out)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show progress bars")
 
     p = sub.add_parser("train", help="train a method from a config",
@@ -128,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--size", type=int, default=224, help="image side in pixels")
     q.add_argument("--seed", type=int, default=0, help="generator seed")
 
-    p = sub.add_parser("model", help="model tools: summary, import")
+    p = sub.add_parser("model", help="model tools: summary, import, export-backbone")
     msub = p.add_subparsers(dest="model_command", metavar="MODEL_COMMAND")
     q = msub.add_parser("summary", help="build a model from a config and print parameters, token layout, weight loading",
                         description="Builds the model of CONFIG (with overrides), prints trainable/frozen parameter "
@@ -151,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("overrides", nargs="*", help="key=value overrides of the config, e.g. data.root=/data/VOC2012")
     q.add_argument("--config", type=Path, default=None,
                    help="YAML config (default: configs/voc/mctformer_v1.yaml or mctformer_v2.yaml)")
+
+    q = msub.add_parser("export-backbone", help="write a trained CAM run's ResNet trunk as a timm ResNet state dict",
+                        description="Writes the ResNet trunk of RUN_DIR (a cam run) to OUT (.pth, tensors only), for "
+                                    "wsss.affinity.weights / wsss.seg.weights with the same backbone name: AffinityNet "
+                                    "and the segmenter then start from the classifier trained on the image labels, as "
+                                    "PSA starts AffinityNet from its res38_cls.pth.")
+    q.add_argument("run_dir", type=Path, help="a cam run directory")
+    q.add_argument("out", type=Path, help="output .pth file")
 
     p = sub.add_parser("maps", help="map-file tools: export to MCTformer's format")
     ssub = p.add_subparsers(dest="maps_command", metavar="MAPS_COMMAND")
@@ -184,7 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.command == "demo":
         from mmcst.engine.demo import run_demo
-        report = run_demo(args.out, quick=args.quick, methods=args.methods, progress=args.progress, wsss=args.wsss)
+        report = run_demo(args.out, quick=args.quick, methods=args.methods, progress=args.progress, wsss=args.wsss,
+                          seed=args.seed, data_seed=args.data_seed)
         print(f"report: {report}")
         return 0
     if args.command == "train":
@@ -233,6 +247,11 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             run_dir = import_mctformer(args.checkpoint, args.run_dir, IMPORT_FORMATS[args.import_format],
                                        args.overrides, config=args.config)
             print(f"run directory: {run_dir}")
+            return 0
+        if args.model_command == "export-backbone":
+            from mmcst.engine.importer import export_backbone
+            info = export_backbone(args.run_dir, args.out)
+            print(f"{info['path']}: {info['tensors']} tensors of the {info['backbone']} trunk (step {info['step']})")
             return 0
         if args.model_command != "summary":
             parser.parse_args(["model", "--help"])

@@ -259,7 +259,8 @@ def train_affinity(run_dir: str | Path, overrides: Sequence[str] = (), *, resume
         stage="affinity", stage_dir=stage_dir, cfg=cfg, section=section, model=model,
         train_module=_PairAffinities(model), param_groups=model.param_groups(section.lr, section.weight_decay),
         samples=samples, loss_fn=_affinity_objective, resume=resume, progress=progress, device=device,
-        record={"train_split": split, "labels_dir": str(labels_dir), "labels": read_settings(labels_dir)})
+        record={"train_split": split, "labels_dir": str(labels_dir), "labels": read_settings(labels_dir),
+                "weights": [report.as_dict() for report in model.weight_reports]})
     return trainer.run()
 
 

@@ -118,3 +118,32 @@ def _check_config(cfg: Config, version: str, path: Path) -> dict[str, Any]:
                           f"expected mctformer {version} for an MCTformer-{version.upper()} checkpoint")
     return {key: getattr(cfg.model.mctformer, key) for key, value in _OFFICIAL_MCTFORMER.items()
             if getattr(cfg.model.mctformer, key) != value}
+
+
+# --------------------------------------------------------------------------------------------------
+# a trained CAM classifier's trunk, as the initialisation of AffinityNet and the segmenter
+
+
+def export_backbone(run_dir: str | Path, dest: str | Path) -> dict[str, Any]:
+    """Write the ResNet trunk of a trained ``cam`` run as a plain timm/torchvision ResNet state dict.
+
+    PSA initialises AffinityNet from its own trained CAM classifier (``res38_cls.pth``); this is the same step
+    for a CAM run of mmcst on a timm ResNet: ``wsss.affinity.weights`` / ``wsss.seg.weights`` (with the same
+    ``backbone`` name) then start from the classifier trained on the dataset's image-level labels. The
+    classifier's 1x1 convolution is dropped. Returns ``{"path", "backbone", "tensors", "step"}``.
+    """
+    run_dir, dest = Path(run_dir), Path(dest)
+    cfg = load_config(run_dir / "config.yaml")
+    if cfg.model.name != "cam":
+        raise ConfigError(f"{run_dir / 'config.yaml'}: model.name is {cfg.model.name!r}; only a cam run has a ResNet "
+                          "trunk to export")
+    from mmcst.engine.train import load_checkpoint
+
+    checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.pth", hint="the CAM run to export")
+    prefix = "backbone."
+    trunk = {key[len(prefix):]: value for key, value in checkpoint["model"].items() if key.startswith(prefix)}
+    if not trunk:
+        raise ValueError(f"{run_dir}: the checkpoint holds no '{prefix}*' tensors (not a CAM model)")
+    atomic_save_torch(dest, trunk)
+    return {"path": str(dest), "backbone": cfg.model.backbone.name, "tensors": len(trunk),
+            "step": checkpoint.get("step")}

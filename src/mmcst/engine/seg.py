@@ -161,7 +161,8 @@ def train_segmenter(run_dir: str | Path, labels: str | Path = "refined", overrid
         param_groups=model.param_groups(section.lr, decay), samples=samples, loss_fn=_seg_objective, resume=resume,
         progress=progress, device=device, memory_format=_memory_format(cfg, device),
         record={"class_names": class_names, "train_split": split, "labels": str(labels),
-                "labels_dir": str(labels_dir), "labels_settings": read_settings(labels_dir)})
+                "labels_dir": str(labels_dir), "labels_settings": read_settings(labels_dir),
+                "weights": [report.as_dict() for report in model.weight_reports]})
     return trainer.run()
 
 
