@@ -126,3 +126,14 @@ def test_cli_prints_results_on_rank_zero_only(rank, tmp_path, monkeypatch, capsy
         assert printed.splitlines() == [f"run directory: {tmp_path / 'run'}", "mIoU 0.5"]
     else:
         assert printed == ""
+
+
+def test_cpu_runs_flush_subnormal_floats() -> None:
+    """On a CPU the engine flushes subnormal floats to zero (they made a segmentation step 4x slower)."""
+    from mmcst.engine.distributed import init_distributed
+
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush subnormal floats")
+    assert (torch.tensor([1e-39]) * 1.0).item() != 0.0
+    assert init_distributed("cpu").type == "cpu"
+    assert (torch.tensor([1e-39]) * 1.0).item() == 0.0
