@@ -128,12 +128,34 @@ def test_cli_prints_results_on_rank_zero_only(rank, tmp_path, monkeypatch, capsy
         assert printed == ""
 
 
-def test_cpu_runs_flush_subnormal_floats() -> None:
-    """On a CPU the engine flushes subnormal floats to zero (they made a segmentation step 4x slower)."""
-    from mmcst.engine.distributed import init_distributed
+def test_cpu_training_flushes_subnormal_floats_and_restores_them() -> None:
+    """Training loops on a CPU treat subnormal floats as zero (they made a segmentation step 4x slower); the
+    setting is undone afterwards, so evaluation keeps exact float semantics."""
+    from mmcst.engine.distributed import flush_subnormals
 
     if not torch.set_flush_denormal(False):
         pytest.skip("this CPU cannot flush subnormal floats")
-    assert (torch.tensor([1e-39]) * 1.0).item() != 0.0
-    assert init_distributed("cpu").type == "cpu"
-    assert (torch.tensor([1e-39]) * 1.0).item() == 0.0
+    tiny = torch.tensor([1e-39])
+    assert (tiny * 1.0).item() != 0.0
+    with flush_subnormals(torch.device("cpu")):
+        assert (tiny * 1.0).item() == 0.0
+    assert (tiny * 1.0).item() != 0.0
+    with flush_subnormals(torch.device("meta")):  # not a CPU: nothing changes
+        assert (tiny * 1.0).item() != 0.0
+
+
+def test_the_command_line_flushes_subnormal_floats_for_its_whole_process() -> None:
+    """``mmcst`` as a process (``main()`` without argv) sets it before any torch work, so that the intra-op
+    threads inherit it; ``main(argv)`` called from Python (tests, notebooks) leaves the process alone."""
+    import subprocess
+    import sys
+
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush subnormal floats")
+    script = ("import sys, torch; sys.argv = ['mmcst', '--version']; from mmcst.cli import main; "
+              "assert main({argv}) == 0; x = torch.full((4_000_000,), 1e-39); "
+              "print('flushed' if bool(((x * 1.0) == 0).all()) else 'kept')")
+    for argv, expected in (("", "flushed"), ("['--version']", "kept")):
+        out = subprocess.run([sys.executable, "-c", script.format(argv=argv)], capture_output=True, text=True,
+                             check=True).stdout.split()
+        assert out[-1] == expected, out

@@ -174,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:  # the process's entry point (console script, python -m): before any torch work
+        from mmcst.engine.distributed import flush_subnormals_for_process
+        flush_subnormals_for_process()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:

@@ -6,9 +6,10 @@ Distributed runs are configured from the environment that ``torchrun`` sets (``R
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 from datetime import timedelta
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -73,11 +74,6 @@ def init_distributed(device_choice: str) -> torch.device:
     """
     size = int(os.environ.get("WORLD_SIZE", "1"))
     device = select_device(device_choice, local_rank())
-    if device.type == "cpu":
-        # Subnormal floats (|x| < 1.2e-38) take a slow microcode path on x86 CPUs. SGD on a segmentation network
-        # fills its activations with them within a few steps: a DeepLab-V2 step on 2 cores went from 0.5 s to
-        # 2 s after 5 steps; flushed to zero it stays at 0.5 s. GPUs flush them already.
-        torch.set_flush_denormal(True)
     if size <= 1 or dist.is_initialized():
         return device
     missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
@@ -90,6 +86,38 @@ def init_distributed(device_choice: str) -> torch.device:
     dist.init_process_group(**kwargs)
     atexit.register(_destroy_process_group)
     return device
+
+
+# Whether this process flushes subnormal floats everywhere (set by the command line before any torch work).
+_FLUSH_FOR_PROCESS = False
+
+
+def flush_subnormals_for_process() -> bool:
+    """Treat subnormal floats (|x| < 1.2e-38) as zero in the whole process; ``mmcst`` commands call it first.
+
+    They take a slow microcode path on x86 CPUs, and SGD on a segmentation network fills its activations with
+    them within a few steps: a DeepLab-V2 step on 2 cores went from 0.5 s to 2 s after 5 steps; flushed, it
+    stays at 0.5 s. The setting belongs to each thread and torch's intra-op threads copy it when they start,
+    so it must come before the first parallel operation. Map files hold float16 values, which are normal
+    float32 numbers, so the evaluation of maps is the same with it. Returns whether the CPU supports it.
+    """
+    global _FLUSH_FOR_PROCESS
+    _FLUSH_FOR_PROCESS = bool(torch.set_flush_denormal(True))
+    return _FLUSH_FOR_PROCESS
+
+
+@contextlib.contextmanager
+def flush_subnormals(device: torch.device) -> Iterator[None]:
+    """Training on a CPU: flush subnormal floats in this thread while the block runs (for callers of the Python
+    API; intra-op threads started earlier keep their setting, see :func:`flush_subnormals_for_process`), then
+    return to the process's setting."""
+    if device.type != "cpu" or not torch.set_flush_denormal(True):
+        yield
+        return
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(_FLUSH_FOR_PROCESS)
 
 
 def _destroy_process_group() -> None:

@@ -24,7 +24,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from mmcst.config import Config, ConfigError, from_dict, load_config, to_yaml
 from mmcst.data.wsss import dataset_image, dataset_image_size
-from mmcst.engine.distributed import all_reduce_flags, autocast, barrier, is_main_process, rank, world_size
+from mmcst.engine.distributed import (
+    all_reduce_flags, autocast, barrier, flush_subnormals, is_main_process, rank, world_size,
+)
 from mmcst.engine.randomness import rng_state, seed_everything, seed_worker, set_rng_state
 from mmcst.engine.rundir import MetricsWriter, file_log, log, setup_logging, write_env
 from mmcst.engine.train import (
@@ -311,6 +313,10 @@ class PolyTrainer:
             group["lr"] = self.base_lr * group.get("lr_mult", 1.0) * factor
 
     def run(self) -> Path:
+        with flush_subnormals(self.device):
+            return self._run()
+
+    def _run(self) -> Path:
         from tqdm import tqdm
 
         section = self.section

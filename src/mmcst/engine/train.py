@@ -26,7 +26,8 @@ from mmcst.config import Config, ConfigError, TrainConfig, from_dict, to_yaml
 from mmcst.data.base import DatasetError
 from mmcst.engine.builders import Builders, dataset_from_config
 from mmcst.engine.distributed import (
-    all_reduce_flags, autocast, barrier, init_distributed, is_main_process, memory_format_of, rank, shard, world_size,
+    all_reduce_flags, autocast, barrier, flush_subnormals, init_distributed, is_main_process, memory_format_of, rank,
+    shard, world_size,
 )
 from mmcst.engine.randomness import rng_state, sample_seed, seed_everything, seed_worker, set_rng_state
 from mmcst.engine.rundir import (
@@ -519,6 +520,10 @@ class _Trainer:
     # ----------------------------------------------------------------------------------------------
 
     def run(self) -> Path:
+        with flush_subnormals(self.device):
+            return self._run()
+
+    def _run(self) -> Path:
         from tqdm import tqdm
 
         cfg = self.cfg.train
