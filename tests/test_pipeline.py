@@ -248,3 +248,36 @@ def test_quick_demo_carries_the_best_method_through_the_wsss_stages(quick_demo):
     assert f"| {pipeline['refined']['miou']:.1f} |" in markdown
     assert (quick_demo / "wsss_overlays.png").read_bytes()[:4] == b"\x89PNG"
     assert wsss["notes"] and all(isinstance(note, str) for note in wsss["notes"])
+
+
+def test_quick_demo_starts_the_wsss_networks_from_its_cam_classifier(quick_demo, tmp_path):
+    """``mmcst model export-backbone``: the CAM run's trunk, written as a timm ResNet state dict, is what
+    AffinityNet and the segmenter of the demo's WSSS stage loaded (every trunk tensor, none missing)."""
+    import timm
+    import torch
+
+    from mmcst.config import ConfigError
+    from mmcst.engine.importer import export_backbone
+
+    cam_run = quick_demo / "runs" / "cam"
+    out = tmp_path / "trunk.pth"
+    assert main(["model", "export-backbone", str(cam_run), str(out)]) == 0
+    trunk = torch.load(out, map_location="cpu", weights_only=True)
+    model = torch.load(cam_run / "checkpoints" / "last.pth", map_location="cpu", weights_only=True)["model"]
+    assert set(trunk) == {k[len("backbone."):] for k in model if k.startswith("backbone.")}
+    assert all(torch.equal(trunk[k], model["backbone." + k]) for k in trunk)
+    resnet = timm.create_model("resnet10t", pretrained=False, num_classes=0, output_stride=8)
+    missing, unexpected = resnet.load_state_dict(trunk, strict=False)
+    assert not missing and not unexpected
+
+    summary = json.loads((quick_demo / "report.json").read_text())
+    init = summary["wsss"]["init"]
+    assert torch.load(init, map_location="cpu", weights_only=True).keys() == trunk.keys()
+    run_dir = Path(summary["wsss"]["pipeline"]["run_dir"])
+    for stage in ("affinity", "seg"):
+        reports = json.loads((run_dir / stage / "summary.json").read_text())["weights"]
+        assert [r["path"] for r in reports] == [init] and reports[0]["missing"] == []
+        assert reports[0]["loaded"] == len(trunk)
+
+    with pytest.raises(ConfigError, match="only a cam run"):
+        export_backbone(quick_demo / "runs" / "mmcst", tmp_path / "x.pth")
