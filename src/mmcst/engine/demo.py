@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 import yaml
 
-from mmcst.config import Config, load_config
+from mmcst.config import Config, flatten, load_config
 from mmcst.io import atomic_write_json
 
 log = logging.getLogger("mmcst.demo")
@@ -184,12 +184,7 @@ WSSS_SPLIT = "wsss_train"  # split file of the training subset, written beside t
 def wsss_overrides(path: Path) -> list[str]:
     """``key=value`` overrides from the ``wsss`` section of a YAML file (the rest of the file is documentation)."""
     raw = yaml.safe_load(path.read_text()) or {}
-
-    def flatten(tree: Any, prefix: str) -> list[str]:
-        if isinstance(tree, dict):
-            return [item for key, value in tree.items() for item in flatten(value, f"{prefix}.{key}")]
-        return [f"{prefix}={json.dumps(tree)}"]
-    return flatten(raw.get("wsss") or {}, "wsss")
+    return [f"{key}={json.dumps(value)}" for key, value in flatten(raw.get("wsss") or {}, "wsss").items()]
 
 
 def _wsss_stage(out: Path, results: dict[str, Any], budget: DemoBudget, quick: bool, seed: int, data_seed: int,

@@ -41,7 +41,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 from omegaconf import OmegaConf
 
-from mmcst.config import Config
+from mmcst.config import Config, flatten
 from mmcst.engine.builders import Builders, dataset_from_config
 from mmcst.engine.rundir import run_directory, write_config
 from mmcst.io import atomic_write_json
@@ -101,7 +101,7 @@ def path_identity(path: Path) -> Optional[dict[str, Any]]:
 
 def flat_config(cfg: Config) -> dict[str, Any]:
     """Every field of ``cfg`` by its dotted name."""
-    return _flatten(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
+    return flatten(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
 
 
 def config_values(cfg: Config, keys: Sequence[str], exclude: Sequence[str] = ()) -> dict[str, Any]:
@@ -118,15 +118,6 @@ def config_values(cfg: Config, keys: Sequence[str], exclude: Sequence[str] = ())
             raise KeyError(f"pipeline: config has no key {key!r}")
         values.update(found)
     return dict(sorted(values.items()))
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
 
 
 def _digest(obj: Any) -> str:

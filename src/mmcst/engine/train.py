@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from mmcst.config import Config, ConfigError, TrainConfig, from_dict, to_yaml
+from mmcst.config import Config, ConfigError, TrainConfig, flatten, from_dict, to_yaml
 from mmcst.data.base import DatasetError
 from mmcst.engine.builders import Builders, dataset_from_config
 from mmcst.engine.distributed import (
@@ -512,8 +512,8 @@ class _Trainer:
     def _warn_config_changes(self, stored: Config) -> None:
         old = OmegaConf.to_container(OmegaConf.structured(stored))
         new = OmegaConf.to_container(OmegaConf.structured(self.cfg))
-        old_flat = _flatten(old)
-        changed = [key for key, value in _flatten(new).items() if old_flat.get(key) != value]
+        old_flat = flatten(old)
+        changed = [key for key, value in flatten(new).items() if old_flat.get(key) != value]
         if changed:
             log.warning("resume: config differs from the checkpoint's in %s (using the new values)", changed)
 
@@ -759,15 +759,6 @@ class _Trainer:
         log.info("training finished (%s): %d steps in %.1f s; final losses %s%s", stopped_by, self.step,
                  self.elapsed, {k: round(v, 5) for k, v in last_terms.items()},
                  f"; {len(skipped)} unreadable file(s) skipped" if skipped else "")
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
 
 
 def train(cfg: Config, resume: bool = False, progress: bool = True, *, builders: Optional[Builders] = None) -> Path:
