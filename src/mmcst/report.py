@@ -196,11 +196,10 @@ def plot_overlays(dataset: Any, indices: Sequence[int], methods: dict[str, dict[
     The panels are composed into one mosaic and drawn on a single axes: one axes per panel costs seconds.
     """
     from matplotlib import colormaps
-    from matplotlib.figure import Figure as MplFigure
 
     jet = colormaps["jet"]
     titles = ["image", "ground truth"] + [f"{name} {what}" for name in methods for what in ("map", "mask")]
-    rows, side, gap = [], 0, 4
+    rows = []
     for index in indices:
         image = dataset[index]["image"].permute(1, 2, 0).numpy().astype(np.float32) / 255.0
         mask = dataset.get_mask(index)
@@ -211,8 +210,19 @@ def plot_overlays(dataset: Any, indices: Sequence[int], methods: dict[str, dict[
             panels.append(0.5 * image + 0.5 * jet(np.clip(heat, 0.0, 1.0))[..., :3])
             panels.append(_colorize(pseudo_mask(keys, cam, info["threshold"])) / 255.0)
         rows.append(panels)
-        side = max(side, *image.shape[:2])
-    mosaic = np.ones((len(rows) * (side + gap) - gap, len(titles) * (side + gap) - gap, 3), np.float32)
+    return mosaic_png(rows, titles, fontsize=8)
+
+
+def mosaic_png(rows: list[list[np.ndarray]], titles: Sequence[str], fontsize: float = 8) -> bytes:
+    """Panels (H x W x 3, float in [0, 1] or uint8, all of one dtype) laid out row by row on a white ground, with
+    the column titles above, as a PNG: one axes for the whole mosaic (one axes per panel costs seconds)."""
+    from matplotlib.figure import Figure as MplFigure
+
+    side = max(max(p.shape[:2]) for row in rows for p in row)
+    gap = 4
+    dtype = rows[0][0].dtype
+    white = 255 if dtype == np.uint8 else 1.0
+    mosaic = np.full((len(rows) * (side + gap) - gap, len(titles) * (side + gap) - gap, 3), white, dtype)
     for r, panels in enumerate(rows):
         for c, panel in enumerate(panels):
             y, x = r * (side + gap), c * (side + gap)
@@ -223,7 +233,7 @@ def plot_overlays(dataset: Any, indices: Sequence[int], methods: dict[str, dict[
     fig = MplFigure(figsize=(width / dpi, (height + strip) / dpi), dpi=dpi)
     ax = fig.add_axes((0.0, 0.0, 1.0, height / (height + strip)))
     ax.imshow(mosaic, interpolation="nearest")
-    ax.set_xticks([c * (side + gap) + side / 2 for c in range(len(titles))], titles, fontsize=8)
+    ax.set_xticks([c * (side + gap) + side / 2 for c in range(len(titles))], list(titles), fontsize=fontsize)
     ax.xaxis.set_ticks_position("top")
     ax.tick_params(length=0, pad=3)
     ax.set_yticks([])

@@ -638,35 +638,9 @@ def _label_mosaic(dataset: Any, indices: Sequence[int], columns: dict[str, Path]
         panels += [palette[np.asarray(Image.fromarray(label).resize(size, Image.Resampling.NEAREST))]
                    for label in labels]
         rows.append(panels)
-    return _mosaic_png(rows, ["image", "ground truth", *columns])
+    from mmcst.report import mosaic_png
 
-
-def _mosaic_png(rows: list[list[np.ndarray]], titles: Sequence[str]) -> bytes:
-    import io
-
-    from matplotlib.figure import Figure as MplFigure
-
-    side = max(max(p.shape[:2]) for row in rows for p in row)
-    gap = 4
-    mosaic = np.full((len(rows) * (side + gap) - gap, len(titles) * (side + gap) - gap, 3), 255, np.uint8)
-    for r, panels in enumerate(rows):
-        for c, panel in enumerate(panels):
-            y, x = r * (side + gap), c * (side + gap)
-            mosaic[y:y + panel.shape[0], x:x + panel.shape[1]] = panel
-    dpi, strip = 100, 22
-    height, width = mosaic.shape[:2]
-    fig = MplFigure(figsize=(width / dpi, (height + strip) / dpi), dpi=dpi)
-    ax = fig.add_axes((0.0, 0.0, 1.0, height / (height + strip)))
-    ax.imshow(mosaic, interpolation="nearest")
-    ax.set_xticks([c * (side + gap) + side / 2 for c in range(len(titles))], list(titles), fontsize=7)
-    ax.xaxis.set_ticks_position("top")
-    ax.tick_params(length=0, pad=3)
-    ax.set_yticks([])
-    for spine in ax.spines.values():
-        spine.set_visible(False)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
-    return buffer.getvalue()
+    return mosaic_png(rows, ["image", "ground truth", *columns], fontsize=7)
 
 
 def wsss_sections(summary: dict[str, Any], datasets: dict[str, Any], key: str = "wsss",
