@@ -238,3 +238,16 @@ def test_correlation_scale_and_cls_token_switch(clip_weights: str) -> None:
         assert torch.allclose(scaled.classify(x), (b["t2p_logits"] + b["c2p_logits"]) / 2, atol=1e-6)
         assert torch.allclose(plain.classify(x), a["cls_logits"])
     assert "cls_token" not in scaled.loss(b, {"labels": LABELS})
+
+
+def test_cls_token_weight_scales_only_the_class_token_term(clip_weights: str) -> None:
+    full = mmcst(clip_weights, context="none").eval()
+    light = mmcst(clip_weights, context="none", cls_token_weight=0.25).eval()
+    light.load_state_dict(full.state_dict())
+    with torch.no_grad():
+        a = full.loss(full(images(), LABELS), {"labels": LABELS})
+        b = light.loss(light(images(), LABELS), {"labels": LABELS})
+    assert a["cls_token"] > 0
+    assert torch.allclose(b["cls_token"], 0.25 * a["cls_token"], atol=1e-6)
+    for name in ("t2p", "c2p"):
+        assert torch.allclose(b[name], a[name], atol=1e-6)

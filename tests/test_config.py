@@ -31,6 +31,9 @@ def test_defaults_chain_merges_parent_first(tmp_path):
     ("model.mmcst.fusion=F9", "model.mmcst.fusion"),
     ("data.dataset=imagenet", "data.dataset"),
     ("model.name=segformer", "model.name"),
+    ("model.mmcst.score=logits", "model.mmcst.score"),
+    ("model.mmcst.cls_token_weight=-0.5", "model.mmcst.cls_token_weight"),
+    ("model.mmcst.score_decay=1.5", "model.mmcst.score_decay"),
 ])
 def test_bad_choice_names_the_field(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

@@ -140,7 +140,19 @@ def test_mmcst_logits_are_gwrp_with_the_configured_decay(clip_weights: str) -> N
     with torch.no_grad():
         close(model.classify(x), cls_out.mean(-1))
         model.cfg.cls_token_loss = False
-        close(model.classify(x), 0.5 * (gwrp_by_hand(t2p, decay) + gwrp_by_hand(c2p, decay)))
+        maps = 0.5 * (gwrp_by_hand(t2p, decay) + gwrp_by_hand(c2p, decay))
+        close(model.classify(x), maps)
+        # model.mmcst.score overrides the automatic choice; "mean" averages the two heads (MCTformer+'s score)
+        for score, want in (("cls_token", cls_out.mean(-1)), ("maps", maps), ("mean", 0.5 * (cls_out.mean(-1) + maps))):
+            model.cfg.score = score
+            close(model.classify(x), want)
+        far(maps, cls_out.mean(-1))
+        # score_decay pools the maps' classification score with its own decay; training keeps gwrp_decay
+        model.cfg.score, model.cfg.score_decay = "maps", 0.3
+        sharp = 0.5 * (gwrp_by_hand(t2p, 0.3) + gwrp_by_hand(c2p, 0.3))
+        close(model.classify(x), sharp)
+        far(sharp, maps)
+        close(model(x, LABELS)["c2p_logits"], gwrp_by_hand(c2p, decay))
 
 
 MCT_HEADS = {

@@ -82,6 +82,7 @@ class MMCSTConfig:
     text_bridge: str = "linear"  # linear (CLIP dim -> D, option A) | direct (C x D parameter, option B)
     text_pooling: str = "labels"  # labels (label-masked mean of LN(T_txt_out)) | all
     cls_token_loss: bool = True  # MCTformer-V1 class-token MLSM term
+    cls_token_weight: float = 1.0  # weight of that term in the sum of losses (the paper sums them unweighted)
     text_token_loss: bool = False  # ablation: the same head on the text tokens
     context_design: str = "encoder"  # encoder (T_out = encoder output) | decoder (tokens cross-attend to patches)
     decoder_layers: int = 1  # layers of the alternative context decoder
@@ -91,6 +92,8 @@ class MMCSTConfig:
     token_norm: str = "none"  # none: T = T_in + lambda*LN(T_out) | layernorm: T = LN(T_in) + lambda*LN(T_out)
     patch_norm: str = "layernorm"  # layernorm: correlate with LN(T_pat) (METHOD 2.4) | none: the raw patch tokens (as MCTformer's PatchCAM)
     attention_layers: int = 3  # F3: last K layers of class-to-patch attention
+    score_decay: Optional[float] = None  # GWRP decay of the maps' classification score (None: gwrp_decay, as trained); lower reads the maps nearer their peak
+    score: str = "auto"  # classification score (mAP monitor, classify): auto (cls_token with cls_token_loss, else maps) | cls_token | maps (mean of the GWRP t2p/c2p logits) | mean (of both, MCTformer+'s inference score)
 
 
 @dataclass
@@ -321,6 +324,7 @@ _CHOICES = {
     "model.mmcst.token_balance": ("first_batch", "none"),
     "model.mmcst.token_norm": ("none", "layernorm"),
     "model.mmcst.patch_norm": ("layernorm", "none"),
+    "model.mmcst.score": ("auto", "cls_token", "maps", "mean"),
     "model.backbone.stem": ("patch", "conv"),
     "model.mctformer.version": ("v1", "v2"),
     "model.mctformer.attention_reduce": ("sum", "mean"),
@@ -368,6 +372,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"eval.threshold_step: expected in (0, 1], got {cfg.eval.threshold_step}")
     if not 0 < cfg.model.mmcst.gwrp_decay <= 1:
         raise ConfigError(f"model.mmcst.gwrp_decay: expected in (0, 1], got {cfg.model.mmcst.gwrp_decay}")
+    score_decay = cfg.model.mmcst.score_decay
+    if score_decay is not None and not 0 < score_decay <= 1:
+        raise ConfigError(f"model.mmcst.score_decay: expected in (0, 1] or null, got {score_decay}")
+    if cfg.model.mmcst.cls_token_weight < 0:
+        raise ConfigError(f"model.mmcst.cls_token_weight: expected >= 0, got {cfg.model.mmcst.cls_token_weight}")
     _validate_wsss(cfg.wsss)
 
 

@@ -415,7 +415,7 @@ class MMCST(LocalizationModel):
         labels = batch["labels"].to(outputs["c2p_logits"].device)
         terms: dict[str, torch.Tensor] = {}
         if self.cfg.cls_token_loss:
-            terms["cls_token"] = mlsm(outputs["cls_logits"], labels)
+            terms["cls_token"] = self.cfg.cls_token_weight * mlsm(outputs["cls_logits"], labels)
         if "t2p_logits" in outputs:
             terms["t2p"] = mlsm(outputs["t2p_logits"], labels)
         terms["c2p"] = mlsm(outputs["c2p_logits"], labels)
@@ -437,20 +437,28 @@ class MMCST(LocalizationModel):
 
     # ---------------------------------------------------------------- inference
     def classify(self, images: torch.Tensor) -> torch.Tensor:
-        outputs = self.forward_logits(images)
-        if self.cfg.cls_token_loss:
+        """Classification logits (B x C) as ``model.mmcst.score`` says (auto: the class-token head when it is
+        trained, else the maps' GWRP logits, pooled with ``score_decay``, by default the training decay)."""
+        outputs = self.forward_logits(images, self.cfg.score_decay)
+        score = self.cfg.score
+        if score == "auto":
+            score = "cls_token" if self.cfg.cls_token_loss else "maps"
+        maps = torch.stack([outputs[k] for k in ("t2p_logits", "c2p_logits") if k in outputs]).mean(0)
+        if score == "maps":
+            return maps
+        if score == "cls_token":
             return outputs["cls_logits"]
-        pooled = [outputs[k] for k in ("t2p_logits", "c2p_logits") if k in outputs]
-        return torch.stack(pooled).mean(0)
+        return 0.5 * (outputs["cls_logits"] + maps)
 
-    def forward_logits(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Logits only (no context branch): for the mAP monitor."""
+    def forward_logits(self, images: torch.Tensor, decay: Optional[float] = None) -> dict[str, torch.Tensor]:
+        """Logits only (no context branch): for the mAP monitor; ``decay`` pools the maps (None: ``gwrp_decay``)."""
+        decay = self.cfg.gwrp_decay if decay is None else decay
         enc = self._encode(images)
         t_cls, t_txt = self.combined_tokens(enc)
         outputs = {"cls_logits": enc.cls_out.mean(-1),
-                   "c2p_logits": gwrp(self._correlate(t_cls, enc.patches), self.cfg.gwrp_decay)}
+                   "c2p_logits": gwrp(self._correlate(t_cls, enc.patches), decay)}
         if t_txt is not None:
-            outputs["t2p_logits"] = gwrp(self._correlate(t_txt, enc.patches), self.cfg.gwrp_decay)
+            outputs["t2p_logits"] = gwrp(self._correlate(t_txt, enc.patches), decay)
         return outputs
 
     def localize(self, images: torch.Tensor, need_affinity: bool = False) -> Localization:
