@@ -252,12 +252,25 @@ def show_mask(page: Page, method: int, threshold: float, image: int) -> dict[str
 
 
 def assert_mask_follows_the_rule(page: Page, payload: dict[str, Any], method: int) -> None:
-    """The page's mask equals :func:`pseudo_mask` on the embedded maps, and moving t changes it."""
+    """The page's mask equals :func:`pseudo_mask` on the embedded maps, and moving t changes it.
+
+    The image is the first whose maps give different masks at the two thresholds (a briefly trained model can
+    leave an image's maps flat, and then no threshold changes its mask, in the page or in the rule).
+    """
+    def decoded(entry: dict[str, Any]) -> np.ndarray:
+        shape = (len(entry["keys"]), entry["height"], entry["width"])
+        return np.frombuffer(base64.b64decode(entry["data"]), np.uint8).reshape(shape) / 255.0
+
+    def changes(entry: dict[str, Any]) -> bool:
+        keys, maps = np.asarray(entry["keys"]), decoded(entry)
+        return not np.array_equal(pseudo_mask(keys, maps, 0.05), pseudo_mask(keys, maps, 0.5))
+
     entries = payload["methods"][method]["maps"]
-    image = next(i for i, e in enumerate(entries) if e["keys"])
+    candidates = [i for i, e in enumerate(entries) if e["keys"] and changes(e)]
+    assert candidates, "no embedded image's maps change their mask between t = 0.05 and 0.5"
+    image = candidates[0]
     entry = entries[image]
-    shape = (len(entry["keys"]), entry["height"], entry["width"])
-    maps = np.frombuffer(base64.b64decode(entry["data"]), np.uint8).reshape(shape) / 255.0
+    maps = decoded(entry)
     palette = np.asarray(payload["palette"], np.uint8)
     shown = []
     for threshold in (0.05, 0.5):
